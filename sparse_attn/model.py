@@ -310,7 +310,7 @@ class BertModel(nn.Module):
     if output_hidden_states:
       aux["hidden_states"] = tuple(hidden)
     if self.add_pooler:
-      pooled = _dense(c, c.hidden_size, (EMBED, EMBED), "pooler")(x_BxLxD[:, 0])
+      pooled = _dense(c, c.hidden_size, (EMBED, None), "pooler")(x_BxLxD[:, 0])
       aux["pooled"] = jnp.tanh(pooled)
     return x_BxLxD, aux
 
@@ -366,7 +366,7 @@ class BertForMaskedLM(nn.Module):
     x_BxLxD, aux = bert(input_ids, attention_mask, token_type_ids, masks=masks,
                         gates=gates, deterministic=deterministic)
     x_BxLxD = _ACTIVATIONS[c.hidden_act](
-        _dense(c, c.hidden_size, (EMBED, EMBED), "transform")(x_BxLxD))
+        _dense(c, c.hidden_size, (EMBED, None), "transform")(x_BxLxD))
     x_BxLxD = _layer_norm(c, "transform_LayerNorm")(x_BxLxD)
     table_VxD = bert.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
     table_VxD = nn.meta.unbox(table_VxD)

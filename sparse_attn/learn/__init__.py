@@ -87,14 +87,37 @@ def build(structure_config, bert_config, seq_len: int) -> Structure | None:
     bert_config: the model's BertConfig (layers, heads).
     seq_len: maximum sequence length of the run (mask size n).
   """
-  _import_methods()
   method = structure_config.get("method", "none")
   if method in (None, "none"):
     return None
+  _import_methods()
   if method not in METHODS:
     raise ValueError(f"Unknown structure method {method!r}; known: "
                      f"{sorted(METHODS) + ['none']}.")
   return METHODS[method](structure_config, bert_config, seq_len)
+
+
+def default_config(method: str):
+  """The config section of `method` with every field at its default.
+
+  Args:
+    method: "none" or a registered method name.
+
+  Returns:
+    An ml_collections.ConfigDict whose `method` field is `method`.
+  """
+  import ml_collections
+  if method in (None, "none"):
+    return ml_collections.ConfigDict({"method": "none"})
+  _import_methods()
+  from sparse_attn.learn import dam, prune, window
+  modules = {"dam_u": dam, "dam_s": dam, "learned_window": window, "prune": prune}
+  if method not in modules:
+    raise ValueError(f"Unknown structure method {method!r}; known: "
+                     f"{sorted(modules) + ['none']}.")
+  cfg = modules[method].default_config()
+  cfg.method = method
+  return cfg
 
 
 def _import_methods():

@@ -1,0 +1,127 @@
+"""The experiment config schema: every section, its defaults, and key validation.
+
+Experiment files in `configs/` start from `base_config()` and override what they need; the
+sections owned by other modules take their defaults from there (`data.default_config()`,
+the structure method's `default_config()`), so each default lives in one place.
+
+Sections:
+  init_from     "" (random init) | "minilm" (the bundled pretrained MiniLM) | a Hugging Face
+                BERT directory | "run:<workdir>" (the latest checkpoint of another run).
+  model         BertConfig field overrides (dropout, attention_backend, dtype, and for
+                random init the sizes); unknown fields are an error.
+  data          see sparse_attn/data/config.py.
+  masks         fixed structural masks: source "none" | "pattern" | <exported masks dir>;
+                pattern name and kwargs (sparse_attn.masks.patterns.build), layers (None =
+                all, or a list of layer indices; `start_layer` = Breaking BERT's "later
+                layers only"), remove_diagonal.
+  structure     learned structure: method "none" | "dam_u" | "dam_s" | "learned_window" |
+                "prune" and that method's fields.
+  optimizer     AdamW with warm-up + linear decay; parameter groups by regex (first match
+                wins) with their own learning rate / weight decay.
+  train         batch size, steps or epochs, logging and evaluation cadence, seed.
+  checkpoint    save cadence, how many to keep (latest and best by the dev metric).
+  mesh          (data, model) shape and logical-axis rules.
+  distributed   multi-process JAX settings (jax.distributed.initialize).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+
+from sparse_attn import data as data_lib
+from sparse_attn import model as model_lib
+from sparse_attn import sharding
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every top-level key with its default (fine-tune MiniLM on offline Rotten Tomatoes)."""
+  c = ml_collections.ConfigDict()
+  c.init_from = "minilm"
+  c.model = ml_collections.ConfigDict()
+  c.data = data_lib.default_config()
+
+  c.masks = ml_collections.ConfigDict(dict(
+      source="none", pattern="", kwargs={}, layers=None, start_layer=0,
+      remove_diagonal=False))
+  c.structure = ml_collections.ConfigDict(dict(method="none"))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=5e-5, warmup_fraction=0.1, schedule="linear", weight_decay=0.01,
+      b1=0.9, b2=0.999, eps=1e-6, grad_clip_norm=1.0,
+      # (regex over "model/..." or "structure/..." parameter paths, overrides).
+      groups=[
+          ("structure/.*", dict(learning_rate=0.05, weight_decay=0.0, schedule="constant")),
+          ("model/.*(bias|LayerNorm|scale).*", dict(weight_decay=0.0)),
+      ]))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=32, eval_batch_size=64, num_steps=0, num_epochs=1.0, seed=0,
+      log_every=20, eval_every=0, eval_splits=["validation"], max_eval_batches=0))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=200, keep=2, keep_best=1, async_save=True))
+  c.mesh = ml_collections.ConfigDict(dict(
+      shape=(-1, 1), rules=[list(r) for r in sharding.DEFAULT_RULES]))
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address="", num_processes=-1, process_id=-1,
+      cpu_collectives=""))
+  return c
+
+
+_FREE_FORM = {("masks", "kwargs")}  # Sections whose keys are not fixed.
+
+
+def _check_keys(given: dict, schema: dict, prefix: str) -> None:
+  for key, value in given.items():
+    path = f"{prefix}{key}"
+    if key not in schema:
+      close = difflib.get_close_matches(key, list(schema), n=3, cutoff=0.5)
+      hint = f" Did you mean {close}?" if close else ""
+      raise ValueError(f"Unknown config key '{path}'.{hint} Valid keys here: "
+                       f"{sorted(schema)}.")
+    if (tuple(path.split(".")) in _FREE_FORM or not isinstance(schema[key], dict)
+        or not isinstance(value, dict)):
+      continue
+    _check_keys(value, schema[key], path + ".")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every key against the schema; fills the structure method's defaults.
+
+  Args:
+    config: an experiment config (from a `configs/*.py` file, after flag overrides).
+
+  Returns:
+    The config with `data` and `structure` completed with their defaults.
+
+  Raises:
+    ValueError: an unknown key anywhere (the message lists the close valid ones), or an
+      unknown BertConfig field in `model`.
+  """
+  from sparse_attn import learn  # Local import: learn imports model-level modules.
+  given = config.to_dict()
+  schema = base_config().to_dict()
+  structure = given.get("structure", {})
+  method_defaults = learn.default_config(structure.get("method", "none"))
+  schema["structure"] = method_defaults.to_dict()
+  schema["model"] = {f: None for f in model_lib.BertConfig.__dataclass_fields__}
+  _check_keys(given, schema, "")
+  out = ml_collections.ConfigDict(given)
+  out.data = data_lib.with_defaults(given.get("data", {}))
+  merged = method_defaults
+  merged.update(structure)
+  out.structure = merged
+  return out
+
+
+def bert_overrides(model_section: Any) -> dict[str, Any]:
+  """The `model` section as BertConfig keyword arguments (dtype names resolved)."""
+  import jax.numpy as jnp
+  out = dict(model_section)
+  for k in ("dtype", "param_dtype"):
+    if isinstance(out.get(k), str):
+      out[k] = jnp.dtype(out[k])
+  if "heads_per_layer" in out and out["heads_per_layer"] is not None:
+    out["heads_per_layer"] = tuple(out["heads_per_layer"])
+  return out

@@ -1,0 +1,465 @@
+"""Training and evaluation: train state, sharded train/eval steps, `train_and_evaluate`.
+
+One step, as ARCHITECTURE.md draws it: the structure params (learned masks / gates) become
+a mask pytree through a pure function, combined with the run's fixed masks; the model
+takes both through `apply`; the loss adds the structure penalty; one optax optimizer with
+parameter groups by regex updates model weights and structure params together. The state
+is created with `jax.eval_shape` -> logical shardings -> `jax.jit(init, out_shardings=...)`
+and every step is jitted with in/out shardings over the config's device mesh.
+
+Resume order (see checkpoint.py): the latest restorable checkpoint in the workdir, else
+`config.init_from` (pretrained weights or another run), else random initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import signal
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sparse_attn import checkpoint as ckpt_lib
+from sparse_attn import config as config_lib
+from sparse_attn import data as data_lib
+from sparse_attn import fixed_masks as fixed_lib
+from sparse_attn import learn
+from sparse_attn import model as model_lib
+from sparse_attn import observe
+from sparse_attn import pretrained
+from sparse_attn import sharding
+from sparse_attn.train_steps import TrainState, make_eval_step, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def build_model(config, task) -> tuple[model_lib.BertConfig, nn.Module, Any]:
+  """Returns (BertConfig, task module, pretrained BertModel params or None)."""
+  overrides = config_lib.bert_overrides(config.model)
+  init_from = config.init_from
+  bert_params = None
+  if init_from == "minilm":
+    bert_config, bert_params = pretrained.load_minilm(**overrides)
+  elif init_from and not init_from.startswith("run:"):
+    bert_config, bert_params = pretrained.load_hf_bert(init_from, **overrides)
+  else:
+    bert_config = model_lib.BertConfig(**overrides)
+  bert_params = _apply_heads_per_layer(bert_params, bert_config)
+  if bert_params is not None:
+    bert_params.pop("mlm_head", None)
+  head = model_lib.HEADS_BY_TASK[task.kind]
+  module = head(bert_config) if task.kind == "mlm" else head(bert_config, task.num_labels)
+  return bert_config, module, bert_params
+
+
+def _apply_heads_per_layer(params, bert_config):
+  """Drops pretrained attention params of layers configured without attention."""
+  if params is None or bert_config.heads_per_layer is None:
+    return params
+  for i, h in enumerate(bert_config.heads_per_layer):
+    if h == 0:
+      params[f"layer_{i}"].pop("attention", None)
+      if not bert_config.pruned_keep_layernorm:
+        params[f"layer_{i}"].pop("attention_LayerNorm", None)
+    elif h != bert_config.num_attention_heads:
+      raise ValueError(f"init_from weights have {bert_config.num_attention_heads} heads in "
+                       f"layer {i} but heads_per_layer asks for {h}; extract a pruned "
+                       "model with sparse_attn.learn.prune.extract instead.")
+  return params
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
+  """AdamW with warm-up and decay; parameter groups by regex over "model/..." paths.
+
+  Args:
+    opt: the `config.optimizer` section.
+    total_steps: number of training steps (for the schedule).
+
+  Returns:
+    (optax.GradientTransformation, labels_fn, {group: learning-rate schedule}).
+  """
+  import re
+  groups = [(str(rx), dict(over)) for rx, over in opt.groups]
+  base = {k: opt[k] for k in ("learning_rate", "weight_decay", "schedule")}
+
+  def schedule(lr, kind):
+    warm = int(opt.warmup_fraction * total_steps)
+    if kind == "constant":
+      return optax.constant_schedule(lr)
+    if kind not in ("linear", "cosine"):
+      raise ValueError(f"Unknown schedule {kind!r}; use linear, cosine or constant.")
+    decay = (optax.linear_schedule(lr, 0.0, max(1, total_steps - warm)) if kind == "linear"
+             else optax.cosine_decay_schedule(lr, max(1, total_steps - warm)))
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(1, warm)), decay],
+                                [warm]) if warm > 0 else decay
+
+  names = [f"group_{i}" for i in range(len(groups))] + ["default"]
+  settings = [dict(base, **over) for _, over in groups] + [base]
+  schedules = {n: schedule(s["learning_rate"], s["schedule"]) for n, s in zip(names, settings)}
+  transforms = {n: optax.adamw(schedules[n], b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                               weight_decay=s["weight_decay"])
+                for n, s in zip(names, settings)}
+
+  def labels(params):
+    def label(path, _):
+      p = _path_str(path)
+      for i, (rx, _) in enumerate(groups):
+        if re.fullmatch(rx, p):
+          return f"group_{i}"
+      return "default"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+  chain = []
+  if opt.grad_clip_norm:
+    chain.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  chain.append(optax.multi_transform(transforms, labels))
+  return optax.chain(*chain), labels, schedules
+
+
+# ------------------------------------------------------------------------------ state
+
+
+def _init_fn(module, structure, tx, example, seed):
+  def init(rng):
+    r_model, r_struct, r_state = jax.random.split(rng, 3)
+    variables = module.init(r_model, example["input_ids"], example["attention_mask"],
+                            example["token_type_ids"])
+    params = {"model": variables["params"],
+              "structure": structure.init(r_struct) if structure else {}}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=r_state)
+  return init
+
+
+def create_state(module, structure, tx, example, mesh, rules, seed: int):
+  """Initialises the train state directly in its sharded layout.
+
+  Returns:
+    (state, state_shardings): state arrays placed per the logical rules on `mesh`.
+  """
+  init = _init_fn(module, structure, tx, example, seed)
+  rng = jax.random.PRNGKey(seed)
+  abstract = jax.eval_shape(init, rng)  # Boxed: leaves carry logical axis names.
+  shardings = sharding.logical_shardings(abstract, mesh, rules)
+  state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+# ------------------------------------------------------------------------- evaluation
+
+
+def evaluate(eval_step, state, dataset, task, mesh, batch_size, frozen, max_batches=0):
+  """Runs `eval_step` over a split; returns the task's official metrics (+ loss)."""
+  preds, labels, weights, losses = [], [], [], []
+  for i, batch in enumerate(dataset.batches(batch_size, shuffle=False, drop_remainder=False,
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count())):
+    if max_batches and i >= max_batches:
+      break
+    out = eval_step(state.params, sharding.global_batch(batch, mesh), frozen.masks,
+                    frozen.gates)
+    out = jax.tree.map(_to_host, out)
+    preds.append(out["predictions"])
+    labels.append(out["labels"])
+    weights.append(out["weights"])
+    losses.append((out["loss_sum"], out["loss_count"]))
+  if not preds:
+    raise ValueError("The evaluation split produced no batches.")
+  metrics = data_lib.compute_metrics(task, preds, labels, weights)
+  total, count = (sum(float(a) for a, _ in losses), sum(float(b) for _, b in losses))
+  metrics["loss"] = total / max(count, 1.0)
+  return metrics
+
+
+def _to_host(x):
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+# ----------------------------------------------------------------------- the main loop
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so it can save before exiting."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: no handler.
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config before the first step."""
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  mesh: Any
+  task: Any
+  train_ds: Any
+  eval_sets: dict
+  bert_config: model_lib.BertConfig
+  module: Any
+  structure: Any
+  fixed: Any
+  total_steps: int
+  tx: Any
+  schedules: dict
+  state: TrainState
+  state_shardings: Any
+  ckpt: ckpt_lib.Checkpointer
+
+  def frozen(self, state) -> fixed_lib.FrozenStructure:
+    """The deterministic structure of `state` (masks for eval, checkpoints, export)."""
+    return fixed_lib.freeze(self.structure, self.fixed, state.params["structure"],
+                            self.bert_config, self.config.data.max_len,
+                            step=int(state.step), workdir=str(self.workdir))
+
+  def evaluate(self, state, eval_step=None) -> tuple[dict[str, dict], Any]:
+    """Official metrics of every eval split, and the frozen structure used."""
+    eval_step = eval_step or jax.jit(make_eval_step(self.module, self.task))
+    frozen = self.frozen(state)
+    out = {s: evaluate(eval_step, state, ds, self.task, self.mesh,
+                       self.config.train.eval_batch_size, frozen,
+                       self.config.train.max_eval_batches)
+           for s, ds in self.eval_sets.items()}
+    return out, frozen
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+          restore: bool = True) -> Run:
+  """Validates the config, builds data, model, structure, optimizer and the sharded state.
+
+  With `restore`, the state is the latest restorable checkpoint in `workdir`, else
+  `config.init_from`, else random (the resume order).
+  """
+  config = config_lib.validate(config)
+  sharding.maybe_initialize_distributed(config)
+  workdir = pathlib.Path(workdir).absolute()
+  mesh = sharding.make_mesh(config.mesh.shape)
+  rules = sharding.rules_from_config(config.mesh.rules)
+
+  task = data_lib.get_task(config.data)
+  tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+  train_ds = data_lib.build_dataset(config.data, "train", tokenizer=tokenizer)
+  eval_sets = {s: data_lib.build_dataset(config.data, s, tokenizer=tokenizer)
+               for s in config.train.eval_splits}
+  bert_config, module, bert_params = build_model(config, task)
+  max_len = config.data.max_len
+  structure = learn.build(config.structure, bert_config, max_len)
+  fixed = fixed_lib.build(config.masks, bert_config, max_len)
+
+  batch_size = config.train.batch_size
+  sharding.check_batch_divisible(batch_size, mesh)
+  sharding.check_batch_divisible(config.train.eval_batch_size, mesh)
+  total_steps = config.train.num_steps or max(1, math.ceil(
+      config.train.num_epochs * len(train_ds) / batch_size))
+  tx, _, schedules = make_optimizer(config.optimizer, total_steps)
+
+  example = next(train_ds.batches(batch_size, seed=config.data.seed, start_step=0))
+  state, state_shardings = create_state(module, structure, tx, example, mesh, rules,
+                                        config.train.seed)
+  ckpt = ckpt_lib.Checkpointer(
+      workdir / "checkpoints", keep=config.checkpoint.keep,
+      keep_best=config.checkpoint.keep_best, best_metric=task.main_metric,
+      async_save=config.checkpoint.async_save)
+  restored = ckpt.restore_state(state) if restore else None
+  if restored is not None:
+    state, step = restored
+    logging.info("Resumed from %s at step %d.", ckpt.directory, step)
+  else:
+    state = _init_from(state, config, bert_params, state_shardings)
+  return Run(config, workdir, mesh, task, train_ds, eval_sets, bert_config, module,
+             structure, fixed, total_steps, tx, schedules, state, state_shardings, ckpt)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains and evaluates per `config`, checkpointing to and resuming from `workdir`.
+
+  Args:
+    config: an experiment config (see sparse_attn/config.py and configs/).
+    workdir: directory for checkpoints, metrics.jsonl, TensorBoard events, results.json.
+
+  Returns:
+    The final evaluation metrics per split, plus "step", "wall_time_s" and, after a
+    SIGTERM, "preempted": True.
+  """
+  t_start = time.perf_counter()
+  run = setup(config, workdir)
+  config, ckpt, state = run.config, run.ckpt, run.state
+  run.workdir.mkdir(parents=True, exist_ok=True)
+  start, total_steps = int(state.step), run.total_steps
+  train_step = jax.jit(make_train_step(run.module, run.structure, run.fixed, run.tx, run.task),
+                       in_shardings=(run.state_shardings, None),
+                       out_shardings=(run.state_shardings, None), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(run.module, run.task))
+  writer = observe.MetricWriter(run.workdir, total_steps)
+  cfg_dict = config.to_dict()
+  main_split = config.train.eval_splits[0]
+
+  def run_eval(state):
+    out, frozen = run.evaluate(state, eval_step)
+    for s, m in out.items():
+      writer.write(int(state.step), m, split=s)
+    return out, frozen
+
+  def save(state, frozen=None, metrics=None, force=False):
+    frozen = frozen or run.frozen(state)
+    ckpt.save(int(state.step), state, masks=frozen.mask_arrays(), masks_meta=frozen.metadata,
+              config=cfg_dict, metrics=metrics, force=force)
+
+  def check(pending):
+    step, metrics = pending
+    metrics = jax.device_get(metrics)
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      ckpt.wait()
+      raise NonFiniteLossError(
+          f"Training loss is {loss} at step {step}. The last good checkpoint "
+          f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept. Lower "
+          "optimizer.learning_rate, set optimizer.grad_clip_norm, or check the data; "
+          "rerunning the same command resumes from that checkpoint.")
+    return step, metrics
+
+  results: dict[str, Any] = {}
+  pending = None  # (step, metrics) of the last dispatched step, fetched one step later.
+  with _Preemption() as preempt:
+    batches = run.train_ds.batches(config.train.batch_size, seed=config.data.seed,
+                                   start_step=start, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+    for step in range(start, total_steps):
+      batch = sharding.global_batch(next(batches), run.mesh)
+      state, metrics = train_step(state, batch)
+      if pending is not None:
+        s, m = check(pending)
+        if s % config.train.log_every == 0 or s == start + 1:
+          m = dict(m, learning_rate=float(run.schedules["default"](s - 1)))
+          writer.write(s, m)
+          writer.progress(s, float(m["loss"]))
+      pending = (step + 1, metrics)
+      done = step + 1
+      if preempt.requested:
+        check(pending)
+        save(state, force=True)
+        ckpt.wait()
+        results.update(step=done, preempted=True)
+        logging.warning("Saved step %d after SIGTERM; rerun the same command to resume.",
+                        done)
+        break
+      if done == total_steps:
+        continue  # The final evaluation and save follow the loop.
+      if config.train.eval_every and done % config.train.eval_every == 0:
+        check(pending)
+        out, frozen = run_eval(state)
+        save(state, frozen, metrics=out[main_split])
+      elif config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0:
+        check(pending)
+        save(state)
+    else:
+      if pending is not None:
+        s, m = check(pending)
+        writer.write(s, m)
+      out, frozen = run_eval(state)
+      save(state, frozen, metrics=out[main_split], force=True)
+      results.update(out)
+      results["step"] = int(state.step)
+  ckpt.close()
+  writer.close()
+  results["wall_time_s"] = time.perf_counter() - t_start
+  if jax.process_index() == 0:
+    (run.workdir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+  return results
+
+
+def evaluate_workdir(workdir: str | pathlib.Path, config=None, step: int | None = None
+                     ) -> tuple[dict[str, dict], Run, fixed_lib.FrozenStructure]:
+  """Re-evaluates a run's checkpoint (default: latest) with its saved config.
+
+  Returns:
+    (metrics per split, the Run, the frozen structure used).
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  if config is None:
+    ck = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+    saved = ck.restore_config(step)
+    ck.close()
+    if saved is None:
+      raise ckpt_lib.CheckpointError(f"No checkpoint with a config in {workdir}/checkpoints; "
+                                     "pass --config or train first.")
+    config = ml_collections.ConfigDict(saved)
+  run = setup(config, workdir, restore=False)
+  restored = run.ckpt.restore_state(run.state, step)
+  if restored is None:
+    raise ckpt_lib.CheckpointError(f"No checkpoint in {run.ckpt.directory}.")
+  state = restored[0]
+  out, frozen = run.evaluate(state)
+  run.ckpt.close()
+  return out, run, frozen
+
+
+def _init_from(state, config, bert_params, state_shardings):
+  """Places pretrained encoder weights (or another run's model params) into `state`."""
+  init_from = config.init_from
+  if init_from.startswith("run:"):
+    other = ckpt_lib.Checkpointer(pathlib.Path(init_from[4:]) / "checkpoints")
+    restored = other.restore_state(state)
+    if restored is None:
+      raise ckpt_lib.CheckpointError(f"init_from={init_from!r}: no checkpoint there.")
+    params = dict(state.params)
+    params["model"] = restored[0].params["model"]
+    other.close()
+    return state.replace(params=params)
+  if bert_params is None:
+    return state
+  model_params = dict(state.params["model"])
+  target = model_params["bert"]
+  missing = sorted(set(_paths(target)) - set(_paths(bert_params)))
+  if any(not p.startswith("pooler") for p in missing):  # A missing pooler stays random.
+    raise ValueError(f"init_from={init_from!r} lacks encoder parameters {missing[:5]}.")
+  shard = state_shardings.params["model"]["bert"]
+  placed = {k: jax.device_put(bert_params[k], shard[k]) if k in bert_params else target[k]
+            for k in target}
+  model_params["bert"] = placed
+  params = dict(state.params)
+  params["model"] = model_params
+  return state.replace(params=params)
+
+
+def _paths(tree) -> list[str]:
+  return [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]

@@ -1,0 +1,127 @@
+"""The jitted step functions: TrainState, task losses, train step and eval step.
+
+Batch keys (sparse_attn/data/batching.py): input_ids, token_type_ids, attention_mask [B, L];
+weights [B] (0 = filler row); labels [B] (classification int / regression float) or [B, L]
+(token classification, MLM) with label_mask [B, L] (1 = position carries a label).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparse_attn import fixed_masks as fixed_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. params = {"model": ..., "structure": ...}."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def task_loss(kind: str, logits, batch) -> tuple[jax.Array, jax.Array]:
+  """(sum of per-item losses, number of items) for one batch; filler rows weigh 0.
+
+  Args:
+    kind: "classification" | "regression" | "token_classification" | "mlm".
+    logits: [B, C] (sequence tasks) or [B, L, C] (token tasks, MLM).
+    batch: the batch dict.
+  """
+  w_B = batch["weights"].astype(jnp.float32)
+  if kind == "classification":
+    per = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["labels"])
+    return jnp.sum(per * w_B), jnp.sum(w_B)
+  if kind == "regression":
+    per = jnp.square(logits[:, 0].astype(jnp.float32) - batch["labels"])
+    return jnp.sum(per * w_B), jnp.sum(w_B)
+  if kind in ("token_classification", "mlm"):
+    w_BxL = batch["label_mask"].astype(jnp.float32) * w_B[:, None]
+    per = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["labels"])
+    return jnp.sum(per * w_BxL), jnp.sum(w_BxL)
+  raise ValueError(f"Unknown task kind {kind!r}.")
+
+
+def _predictions(kind: str, logits):
+  if kind == "regression":
+    return logits[:, 0].astype(jnp.float32)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _model_inputs(batch):
+  return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+
+
+def make_train_step(module, structure, fixed, tx, task):
+  """Returns step(state, batch) -> (state, metrics); jit it with shardings.
+
+  Args:
+    module: the task model (a linen module returning (logits, aux)).
+    structure: a learn.Structure or None.
+    fixed: the run's fixed mask pytree (tuple per layer) or None.
+    tx: the optax optimizer over {"model", "structure"} params.
+    task: the data Task (its `kind`).
+  """
+  kind = task.kind
+
+  def step(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    r_drop, r_struct = jax.random.split(rng)
+    length = batch["input_ids"].shape[1]
+
+    def loss_fn(params):
+      masks, gates, penalty, s_metrics = fixed, None, 0.0, {}
+      if structure is not None:
+        sample = structure.sample(params["structure"], r_struct, state.step, True)
+        masks = fixed_lib.combine(fixed, sample.masks)
+        gates, penalty, s_metrics = sample.gates, sample.penalty, sample.metrics
+      logits, aux = module.apply(
+          {"params": params["model"]}, *_model_inputs(batch),
+          masks=fixed_lib.slice_masks(masks, length), gates=gates, deterministic=False,
+          rngs={"dropout": r_drop})
+      total, count = task_loss(kind, logits, batch)
+      loss = total / jnp.maximum(count, 1.0)
+      metrics = {"loss": loss, "task_loss": loss, "penalty": jnp.asarray(penalty),
+                 "density": aux["density"], **s_metrics}
+      return loss + penalty, metrics
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["loss"] = metrics["task_loss"] + metrics["penalty"]
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step
+
+
+def make_eval_step(module, task):
+  """Returns eval_step(params, batch, masks, gates) -> predictions and loss sums.
+
+  `masks` / `gates` are the deterministic (frozen) structure: bool masks at the run's
+  maximum length, sliced here to the batch's length.
+  """
+  kind = task.kind
+
+  def eval_step(params, batch, masks, gates):
+    length = batch["input_ids"].shape[1]
+    logits, _ = module.apply({"params": params["model"]}, *_model_inputs(batch),
+                             masks=fixed_lib.slice_masks(masks, length), gates=gates,
+                             deterministic=True)
+    total, count = task_loss(kind, logits, batch)
+    if kind in ("token_classification", "mlm"):
+      weights = batch["label_mask"].astype(jnp.float32) * batch["weights"][:, None]
+    else:
+      weights = batch["weights"]
+    return {"predictions": _predictions(kind, logits), "labels": batch["labels"],
+            "weights": weights, "loss_sum": total, "loss_count": count}
+
+  return eval_step

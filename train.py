@@ -1,0 +1,30 @@
+"""Train a sparse_attn experiment: python train.py --config configs/X.py[:arg] --workdir DIR."""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from sparse_attn import train  # After flag parsing: JAX reads its own flags on import.
+  results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  summary = {k: v for k, v in results.items() if not isinstance(v, dict)}
+  for split, metrics in results.items():
+    if isinstance(metrics, dict):
+      print(f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+  print("  ".join(f"{k}={v}" for k, v in summary.items()))
+  if results.get("preempted"):
+    sys.exit(143)  # 128 + SIGTERM: the scheduler sees a preempted, resumable job.
+
+
+if __name__ == "__main__":
+  app.run(main)
