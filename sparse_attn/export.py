@@ -1,0 +1,134 @@
+"""Export a run's binarised masks as artifacts other runs and other kernels can use.
+
+`export_masks(frozen, out_dir)` writes, atomically (into a temporary directory renamed
+when complete, so `out_dir` is never half-written):
+
+  masks.npz          {"layer_i": bool [H|1, n, n]}: the masks, True = may attend
+  metadata.json      method, sequence length, densities per layer / head / block size, step,
+                     source run, the method's own settings (lambda, temperature, ...)
+  gates.json         per-layer gates (0 = sublayer or head pruned), when the run has any
+  orbax/             an orbax checkpoint of the same masks (ocp.StandardCheckpointer)
+  flex/layer_i.npz   FlexAttention block form at block size b: kv_num_blocks, kv_indices,
+                     full_kv_num_blocks, full_kv_indices (BlockMask.from_kv_blocks)
+  splash/layer_i.npy Splash-ready per-head element masks (NumpyMask / MultiHeadMask)
+  png/layer_i.png    heatmaps, one panel per head
+
+A new run uses them as fixed masks with `config.masks.source = "<out_dir>"`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from sparse_attn.masks import layout as layout_lib
+
+
+def export_masks(frozen, out_dir: str | os.PathLike, *, block_size: int = 128,
+                 heatmaps: bool = True) -> list[pathlib.Path]:
+  """Writes the artifacts listed in the module docstring.
+
+  Args:
+    frozen: a `fixed_masks.FrozenStructure` (from `train.evaluate_workdir` or `Run.frozen`).
+    out_dir: the directory to create (replaced if it exists).
+    block_size: tile size b of the FlexAttention form (128 = Flex's and Splash's default).
+    heatmaps: also write PNG heatmaps.
+
+  Returns:
+    The paths written (relative to their final location).
+
+  Raises:
+    ValueError: the run has no masks and no gates (dense: nothing to export).
+  """
+  arrays = frozen.mask_arrays()
+  if not arrays and not frozen.gates:
+    raise ValueError("This run is dense (no masks, no gates): there is nothing to export.")
+  out_dir = pathlib.Path(out_dir).absolute()
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+  try:
+    _write(tmp, arrays, frozen, block_size, heatmaps)
+    if out_dir.exists():
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return sorted(p for p in out_dir.rglob("*") if p.is_file())
+
+
+def _write(d: pathlib.Path, arrays: dict[str, np.ndarray], frozen, block_size: int,
+           heatmaps: bool) -> None:
+  meta = dict(frozen.metadata)
+  meta["export"] = {"block_size": block_size, "files": {
+      "masks": "masks.npz", "flex": "flex/", "splash": "splash/", "orbax": "orbax/",
+      "heatmaps": "png/" if heatmaps else None}}
+  if arrays:
+    np.savez_compressed(d / "masks.npz", **arrays)
+    _write_orbax(d / "orbax", arrays)
+    (d / "flex").mkdir()
+    (d / "splash").mkdir()
+    for name, m in arrays.items():
+      lay = layout_lib.from_mask(m, block_size)
+      np.savez_compressed(d / "flex" / f"{name}.npz", **lay.to_flex())
+      np.save(d / "splash" / f"{name}.npy", lay.to_splash_masks())
+      meta.setdefault("layers", {}).setdefault(name, {})[f"block_density_b{block_size}"] = (
+          float(lay.block_density))
+    if heatmaps:
+      (d / "png").mkdir()
+      for name, m in arrays.items():
+        plot_layer(m, d / "png" / f"{name}.png", title=f"{name} ({meta.get('method')})")
+  if frozen.gates:
+    gates = {f"layer_{i}": (None if g is None else np.asarray(g).tolist())
+             for i, g in enumerate(frozen.gates)}
+    (d / "gates.json").write_text(json.dumps(gates, indent=1))
+  (d / "metadata.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+
+
+def _json_default(o: Any):
+  return o.tolist() if hasattr(o, "tolist") else str(o)
+
+
+def _write_orbax(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, {k: np.asarray(v) for k, v in arrays.items()})
+    ckptr.wait_until_finished()
+
+
+def load_orbax_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads the `orbax/` item of an export back into {"layer_i": bool array}."""
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(pathlib.Path(path).absolute())
+  return {k: np.asarray(v) for k, v in tree.items()}
+
+
+def plot_layer(mask_HxNxN: np.ndarray, path: str | os.PathLike, title: str = "") -> None:
+  """Saves a grid of per-head heatmaps (kept = dark) of one layer's [H, n, n] mask."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  m = np.asarray(mask_HxNxN)
+  m = m.reshape((-1,) + m.shape[-2:])
+  h = m.shape[0]
+  cols = min(h, 4)
+  rows = math.ceil(h / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows + 0.4),
+                           squeeze=False)
+  for i, ax in enumerate(axes.flat):
+    ax.axis("off")
+    if i < h:
+      ax.imshow(m[i], cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+      ax.set_title(f"head {i}: {m[i].mean():.0%} kept", fontsize=8)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)

@@ -1,0 +1,99 @@
+"""Tests of mask export: files, exact round trips, FlexAttention and Splash forms."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sparse_attn import export, fixed_masks, model
+from sparse_attn.masks import patterns
+
+
+def _frozen(n=40, heads=2):
+  band = patterns.window(n, 3)
+  m0 = np.stack([band, patterns.remove_diagonal(band)])[:heads]
+  m2 = patterns.random(n, 5, seed=1)[None]
+  meta = {"method": "test", "seq_len": n, "num_layers": 3, "num_heads": heads}
+  return fixed_masks.FrozenStructure(masks=(m0, None, m2), gates=None, metadata=meta)
+
+
+def test_export_writes_every_artifact_and_round_trips(tmp_path):
+  frozen = _frozen()
+  out = tmp_path / "export"
+  written = export.export_masks(frozen, out, block_size=16)
+  names = {p.relative_to(out).as_posix() for p in written}
+  for f in ("masks.npz", "metadata.json", "flex/layer_0.npz", "flex/layer_2.npz",
+            "splash/layer_0.npy", "png/layer_0.png", "png/layer_2.png"):
+    assert f in names, f
+  assert not list(tmp_path.glob("export.tmp-*"))  # No temporary directory left behind.
+  per_layer, meta = fixed_masks.load_exported(out)
+  assert per_layer[1] is None
+  np.testing.assert_array_equal(per_layer[0], frozen.masks[0])
+  np.testing.assert_array_equal(per_layer[2], frozen.masks[2])
+  assert meta["seq_len"] == 40 and meta["export"]["block_size"] == 16
+  orbax = export.load_orbax_masks(out / "orbax")
+  np.testing.assert_array_equal(orbax["layer_0"], frozen.masks[0])
+
+
+def test_flex_and_splash_forms_reproduce_the_mask(tmp_path):
+  frozen = _frozen()
+  out = tmp_path / "e"
+  export.export_masks(frozen, out, block_size=16, heatmaps=False)
+  m = frozen.masks[0]
+  b, n = 16, m.shape[-1]
+  flex = np.load(out / "flex" / "layer_0.npz")
+  nq = -(-n // b)
+  rebuilt = np.zeros((m.shape[0], nq * b, nq * b), bool)
+  for h in range(m.shape[0]):
+    for qb in range(nq):
+      for key in ("kv", "full_kv"):
+        cnt = flex[f"{key}_num_blocks"][0, h, qb]
+        for kb in flex[f"{key}_indices"][0, h, qb, :cnt]:
+          rebuilt[h, qb * b:(qb + 1) * b, kb * b:(kb + 1) * b] = True
+  # Every kept entry lies in a listed block, and every listed block holds a kept entry.
+  assert not (m & ~rebuilt[:, :n, :n]).any()
+  splash = np.load(out / "splash" / "layer_0.npy")
+  np.testing.assert_array_equal(splash[:, :n, :n], m)
+
+
+def test_exported_masks_load_as_fixed_masks_with_checks(tmp_path):
+  frozen = _frozen(n=40)
+  out = tmp_path / "e"
+  export.export_masks(frozen, out, heatmaps=False)
+  cfg = model.BertConfig(num_hidden_layers=3, num_attention_heads=2, hidden_size=8,
+                         intermediate_size=8)
+  masks_cfg = _masks_cfg(str(out))
+  loaded = fixed_masks.build(masks_cfg, cfg, 32)  # Shorter run: top-left block.
+  np.testing.assert_array_equal(loaded[0], frozen.masks[0][:, :32, :32])
+  with pytest.raises(ValueError, match="sequence length 40"):
+    fixed_masks.build(masks_cfg, cfg, 64)
+  deeper = model.BertConfig(num_hidden_layers=4, num_attention_heads=2, hidden_size=8,
+                            intermediate_size=8)
+  with pytest.raises(ValueError, match="3 layers"):
+    fixed_masks.build(masks_cfg, deeper, 32)
+  more_heads = model.BertConfig(num_hidden_layers=3, num_attention_heads=4, hidden_size=8,
+                                intermediate_size=8)
+  with pytest.raises(ValueError, match="heads"):
+    fixed_masks.build(masks_cfg, more_heads, 32)
+  with pytest.raises(FileNotFoundError, match="masks.npz"):
+    fixed_masks.build(_masks_cfg(str(tmp_path / "nowhere")), cfg, 32)
+
+
+def test_dense_run_has_nothing_to_export(tmp_path):
+  frozen = fixed_masks.FrozenStructure(masks=None, gates=None, metadata={})
+  with pytest.raises(ValueError, match="nothing to export"):
+    export.export_masks(frozen, tmp_path / "x")
+
+
+def test_gates_are_exported(tmp_path):
+  frozen = fixed_masks.FrozenStructure(masks=None, gates=(1.0, 0.0, np.array([1.0, 0.0])),
+                                       metadata={"method": "prune"})
+  export.export_masks(frozen, tmp_path / "g")
+  gates = json.loads((tmp_path / "g" / "gates.json").read_text())
+  assert gates == {"layer_0": 1.0, "layer_1": 0.0, "layer_2": [1.0, 0.0]}
+
+
+def _masks_cfg(source):
+  import ml_collections
+  return ml_collections.ConfigDict(dict(source=source, pattern="", kwargs={}, layers=None,
+                                        start_layer=0, remove_diagonal=False))
