@@ -1,0 +1,480 @@
+"""Self-pruning of attention sublayers (Not All Attention, Wu et al.), and per-head gates.
+
+The papers' exact algorithms could not be recovered; this is a documented reconstruction
+(research/papers.md §3.3). The paper states only that, during task fine-tuning, the model
+prunes itself down to "nearly 80% of self-attention layers pruned"; the gates, their
+training and the budget are not public. Here every attention sublayer (unit="layer") or
+every head (unit="head", beyond the paper) owns a logit theta and a stochastic gate:
+
+  * "hard_concrete" (Louizos, Welling & Kingma 2018): s = sigmoid((logit u + theta) / tau),
+    z = clip(s (zeta - gamma) + gamma, 0, 1) with stretch limits (gamma, zeta) = (-0.1, 1.1)
+    and tau = 2/3. P(z != 0) = sigmoid(theta - tau log(-gamma / zeta)) is the L0 penalty.
+  * "gumbel_sigmoid": z = sigmoid((logit u + theta) / tau); P(z > 1/2) = sigmoid(theta).
+
+With `hard` the forward gate is exactly {0, 1} (z > 1/2), with the straight-through gradient
+of z. The penalty is beta * |E[kept fraction] - (1 - prune_fraction)| with a budget, or
+beta * E[kept fraction] (plain L0 pressure) with prune_fraction None.
+
+Budget and rounding: of U gated units (layers with attention, or their heads), `freeze`
+keeps exactly the k with the largest logits (ties: lower index), where
+k = U - floor(prune_fraction * U + 1/2) (the nearest count; halves prune more), raised to
+`min_layers_kept` for unit="layer". For unit="head", after the top-k, the best head of the
+best-scoring empty layers is added until `min_layers_kept` layers keep a head (so k may be
+exceeded by that many). Without a budget, units with theta > 0 are kept. A configuration
+that would prune every unit is an error unless `allow_prune_all=True`; without a budget and
+without it, the best unit is always kept.
+
+A layer whose heads are all pruned loses its attention sublayer: `freeze` gives it a scalar
+gate 0 (so the gated model and the `extract`ed model agree), while sampled per-head gates of
+zeros still add the output projection's bias. `extract` builds the physically smaller model.
+
+Shape legend: L layers, H heads, K head dim, D hidden size, U gated units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sparse_attn import learn
+
+Array = jax.Array
+
+UNITS = ("layer", "head")
+RELAXATIONS = ("hard_concrete", "gumbel_sigmoid")
+_DEFAULT_TEMPERATURE = {"hard_concrete": 2.0 / 3.0, "gumbel_sigmoid": 1.0}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Defaults of the "prune" method (a reconstruction; see the module docstring).
+
+  Returns:
+    ConfigDict with fields:
+      unit: "layer" (gate each attention sublayer) or "head" (gate each head).
+      relaxation: "hard_concrete" or "gumbel_sigmoid".
+      temperature: None = the relaxation's default (2/3 hard_concrete, 1.0 gumbel_sigmoid).
+      limits: hard-concrete stretch interval (gamma, zeta), gamma < 0 and zeta > 1.
+      hard: straight-through {0, 1} gates in the forward pass (True) or the relaxed gate.
+      beta: penalty weight (>= 0).
+      prune_fraction: target fraction of units to prune (0.8 = "prune 80% of attention
+        sublayers"), or None for a plain L0 penalty and a theta > 0 keep rule.
+      keep_layernorm: what a pruned layer computes; must equal
+        BertConfig.pruned_keep_layernorm (None = take it from the BertConfig).
+      init_logit: initial theta of every gate (3.0: gates start open).
+      min_layers_kept: at least this many layers keep attention (>= 0).
+      allow_prune_all: permit a structure with no attention at all.
+  """
+  c = ml_collections.ConfigDict()
+  c.unit = "layer"
+  c.relaxation = "hard_concrete"
+  c.temperature = None
+  c.limits = (-0.1, 1.1)
+  c.hard = True
+  c.beta = 1.0
+  c.prune_fraction = 0.8
+  c.keep_layernorm = None
+  c.init_logit = 3.0
+  c.min_layers_kept = 0
+  c.allow_prune_all = False
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: relaxed gates and keep probabilities.
+
+
+def hard_concrete(theta: Array, rng: Array, temperature: float = 2.0 / 3.0,
+                  limits: tuple[float, float] = (-0.1, 1.1)) -> Array:
+  """A hard-concrete sample z in [0, 1] (exact 0 and 1 have positive probability).
+
+  Args:
+    theta: log alpha, any shape.
+    rng: PRNG key.
+    temperature: tau.
+    limits: stretch interval (gamma, zeta).
+
+  Returns:
+    z with theta's shape, differentiable in theta where 0 < z < 1.
+  """
+  gamma, zeta = limits
+  u = jax.random.uniform(rng, jnp.shape(theta), jnp.float32, 1e-6, 1.0 - 1e-6)
+  s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + theta) / temperature)
+  return jnp.clip(s * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def hard_concrete_keep_prob(theta: Array, temperature: float = 2.0 / 3.0,
+                            limits: tuple[float, float] = (-0.1, 1.1)) -> Array:
+  """P(z != 0) = sigmoid(theta - tau log(-gamma / zeta)): the L0 expected-keep probability."""
+  gamma, zeta = limits
+  return jax.nn.sigmoid(theta - temperature * math.log(-gamma / zeta))
+
+
+def gumbel_sigmoid(theta: Array, rng: Array, temperature: float = 1.0) -> Array:
+  """Relaxed Bernoulli sample sigmoid((logit u + theta) / tau) in (0, 1); P(> 1/2) = sigmoid(theta)."""
+  u = jax.random.uniform(rng, jnp.shape(theta), jnp.float32, 1e-6, 1.0 - 1e-6)
+  return jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + theta) / temperature)
+
+
+def straight_through(z: Array) -> Array:
+  """Forward exactly (z > 1/2) in {0, 1}; gradient of z."""
+  hard = (z > 0.5).astype(z.dtype)
+  return hard + (z - jax.lax.stop_gradient(z))  # hard + 0 exactly in the forward pass.
+
+
+def kept_count(num_units: int, prune_fraction: float) -> int:
+  """k = U - floor(prune_fraction * U + 1/2): units kept by the budget (before minimums)."""
+  return num_units - int(math.floor(prune_fraction * num_units + 0.5))
+
+
+def select_top(theta_LxH: Array, valid_LxH: np.ndarray, k: int | None, min_layers: int,
+               unit: str) -> Array:
+  """The frozen keep pattern: top-k units by theta (or theta > 0 if k is None), jittable.
+
+  Args:
+    theta_LxH: logits of the gated layers, padded to H columns (unit="layer": H = 1).
+    valid_LxH: bool, False on padding (layers with fewer heads).
+    k: units to keep, or None for the theta > 0 rule.
+    min_layers: at least this many rows keep a unit (best rows by their max theta).
+    unit: "layer" or "head" (documentation only; the rule is the same on rows).
+
+  Returns:
+    bool keep_LxH.
+  """
+  del unit
+  valid = jnp.asarray(valid_LxH)
+  t = jnp.where(valid, theta_LxH, -jnp.inf)
+  flat = t.ravel()
+  if k is None:
+    keep = (t > 0) & valid
+  else:
+    order = jnp.argsort(-flat, stable=True)
+    rank = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size))
+    keep = (rank < k).reshape(t.shape) & valid
+  has = jnp.any(keep, axis=1)
+  deficit = jnp.maximum(min_layers - jnp.sum(has), 0)
+  row_score = jnp.where(has, -jnp.inf, jnp.max(t, axis=1))
+  row_order = jnp.argsort(-row_score, stable=True)
+  row_rank = jnp.zeros(row_score.shape, jnp.int32).at[row_order].set(
+      jnp.arange(row_score.size))
+  extra = (~has) & (row_rank < deficit)
+  best = jnp.arange(t.shape[1])[None, :] == jnp.argmax(t, axis=1)[:, None]
+  return keep | (extra[:, None] & best & valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Structure factory.
+
+
+def resolve_config(structure_config: Any, bert_config: Any) -> dict[str, Any]:
+  """Merges a config section over `default_config()` and validates it (plain dict out)."""
+  defaults = default_config().to_dict()
+  given = dict(structure_config.items()) if structure_config is not None else {}
+  given.pop("method", None)
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"Unknown prune config keys {unknown}; known: {sorted(defaults)}.")
+  c = {**defaults, **given}
+  if c["unit"] not in UNITS:
+    raise ValueError(f"Unknown unit {c['unit']!r}; use one of {UNITS}.")
+  if c["relaxation"] not in RELAXATIONS:
+    raise ValueError(f"Unknown relaxation {c['relaxation']!r}; use one of {RELAXATIONS}.")
+  if c["temperature"] is None:
+    c["temperature"] = _DEFAULT_TEMPERATURE[c["relaxation"]]
+  if not c["temperature"] > 0:
+    raise ValueError(f"temperature must be > 0; got {c['temperature']}.")
+  gamma, zeta = c["limits"]
+  if not (gamma < 0 and zeta > 1):
+    raise ValueError(f"limits (gamma, zeta) need gamma < 0 < 1 < zeta; got {c['limits']}.")
+  c["limits"] = (float(gamma), float(zeta))
+  if not c["beta"] >= 0:
+    raise ValueError(f"beta (penalty weight) must be >= 0; got {c['beta']}.")
+  pf = c["prune_fraction"]
+  if pf is not None and not 0.0 <= pf <= 1.0:
+    raise ValueError(f"prune_fraction must lie in [0, 1] (or None); got {pf}.")
+  model_ln = bool(bert_config.pruned_keep_layernorm)
+  if c["keep_layernorm"] is None:
+    c["keep_layernorm"] = model_ln
+  elif bool(c["keep_layernorm"]) != model_ln:
+    raise ValueError(
+        f"prune keep_layernorm={c['keep_layernorm']} disagrees with "
+        f"BertConfig.pruned_keep_layernorm={model_ln}; the model decides what a pruned "
+        "layer computes, so set both the same (or leave keep_layernorm None).")
+  layers = [i for i in range(bert_config.num_hidden_layers) if bert_config.layer_heads(i)]
+  if not layers:
+    raise ValueError("prune has nothing to gate: no layer has an attention sublayer.")
+  m = c["min_layers_kept"]
+  if int(m) != m or not 0 <= m <= len(layers):
+    raise ValueError(f"min_layers_kept must be an integer in [0, {len(layers)}] (layers "
+                     f"with attention); got {m!r}.")
+  c["layers"] = tuple(layers)
+  c["heads"] = {i: bert_config.layer_heads(i) for i in layers}
+  units = len(layers) if c["unit"] == "layer" else sum(c["heads"].values())
+  c["num_units"] = units
+  c["k"] = None if pf is None else kept_count(units, pf)
+  if c["k"] is not None and c["unit"] == "layer":
+    c["k"] = max(c["k"], int(m))
+  if c["k"] == 0 and int(m) == 0 and not c["allow_prune_all"]:
+    raise ValueError(
+        f"prune_fraction={pf} prunes every one of the {units} attention {c['unit']}s "
+        f"(kept = {units} - floor({pf} * {units} + 1/2) = 0). Lower prune_fraction, set "
+        "min_layers_kept >= 1, or set allow_prune_all=True to build a model without "
+        "attention.")
+  # Without a budget the theta > 0 rule could drop everything: keep the best unit then.
+  c["min_rows"] = int(m) if (c["allow_prune_all"] or int(m) > 0) else (
+      0 if c["k"] else 1)
+  return c
+
+
+@learn.register("prune")
+def make_structure(structure_config: Any, bert_config: Any, seq_len: int) -> learn.Structure:
+  """Builds the attention-pruning Structure (reconstruction of Not All Attention's self-pruning).
+
+  Params: {"layer_i": theta} with theta a scalar (unit="layer") or [H_i] (unit="head") for
+  each layer with attention. `sample` returns gates as a per-layer tuple (None for layers
+  without attention), penalty, and metrics "prune/expected_kept", "prune/kept";
+  `train=False` returns the frozen {0, 1} gates. `freeze` returns
+  Frozen(gates, metadata={"pruned_layers", "pruned_heads", "kept_fraction", ...}).
+  """
+  del seq_len  # Gates do not depend on the sequence length.
+  c = resolve_config(structure_config, bert_config)
+  num_layers, layers, heads = bert_config.num_hidden_layers, c["layers"], c["heads"]
+  by_head = c["unit"] == "head"
+  width = max(heads.values()) if by_head else 1
+  valid_LxH = np.zeros((len(layers), width), bool)
+  for row, i in enumerate(layers):
+    valid_LxH[row, :heads[i] if by_head else 1] = True
+
+  def init(rng):
+    del rng  # Deterministic init: every gate open.
+    return {f"layer_{i}": jnp.full((heads[i],) if by_head else (), c["init_logit"],
+                                   jnp.float32) for i in layers}
+
+  def padded(params):
+    rows = [jnp.pad(jnp.atleast_1d(jnp.asarray(params[f"layer_{i}"], jnp.float32)),
+                    (0, width - (heads[i] if by_head else 1))) for i in layers]
+    return jnp.stack(rows)
+
+  def keep_prob(theta):
+    if c["relaxation"] == "hard_concrete":
+      return hard_concrete_keep_prob(theta, c["temperature"], c["limits"])
+    return jax.nn.sigmoid(theta)
+
+  def frozen_keep(params):
+    return select_top(padded(params), valid_LxH, c["k"], c["min_rows"], c["unit"])
+
+  def sample(params, rng, step, train):
+    del step
+    gates = [None] * num_layers
+    if train:
+      for i in layers:
+        theta = jnp.asarray(params[f"layer_{i}"], jnp.float32)
+        r = jax.random.fold_in(rng, i)
+        z = (hard_concrete(theta, r, c["temperature"], c["limits"])
+             if c["relaxation"] == "hard_concrete" else
+             gumbel_sigmoid(theta, r, c["temperature"]))
+        gates[i] = straight_through(z) if c["hard"] else z
+    else:
+      keep = frozen_keep(params).astype(jnp.float32)
+      for row, i in enumerate(layers):
+        gates[i] = keep[row, :heads[i]] if by_head else keep[row, 0]
+    probs = jnp.concatenate([jnp.ravel(keep_prob(jnp.asarray(params[f"layer_{i}"],
+                                                             jnp.float32))) for i in layers])
+    expected_kept = jnp.mean(probs)
+    kept = jnp.mean(jnp.concatenate([jnp.ravel(gates[i]) for i in layers]))
+    if c["prune_fraction"] is None:
+      penalty = c["beta"] * expected_kept
+    else:
+      penalty = c["beta"] * jnp.abs(expected_kept - (1.0 - c["prune_fraction"]))
+    return learn.Sample(masks=None, gates=tuple(gates), penalty=penalty,
+                        metrics={"prune/expected_kept": expected_kept, "prune/kept": kept})
+
+  def freeze(params):
+    keep = np.asarray(frozen_keep(params))
+    gates, pruned_layers, pruned_heads, probs = [None] * num_layers, [], {}, {}
+    for row, i in enumerate(layers):
+      k_h = keep[row, :heads[i] if by_head else 1]
+      theta = np.asarray(params[f"layer_{i}"], np.float32)
+      p = np.asarray(keep_prob(jnp.asarray(theta)))
+      probs[f"layer_{i}"] = [float(x) for x in p] if by_head else float(p)
+      if not k_h.any():  # The whole sublayer goes (also when every head was pruned).
+        gates[i] = np.zeros((), np.float32)
+        pruned_layers.append(i)
+      elif by_head:
+        gates[i] = k_h.astype(np.float32)
+        if not k_h.all():
+          pruned_heads[f"layer_{i}"] = [int(h) for h in np.nonzero(~k_h)[0]]
+      else:
+        gates[i] = np.ones((), np.float32)
+    kept_units = int(keep.sum())
+    metadata = {
+        "method": "prune",
+        "reconstruction": "Not All Attention self-pruning (documented reconstruction; the "
+                          "paper's exact algorithm is not public)",
+        "unit": c["unit"], "relaxation": c["relaxation"],
+        "keep_layernorm": bool(c["keep_layernorm"]),
+        "prune_fraction": c["prune_fraction"], "num_units": c["num_units"],
+        "kept_units": kept_units, "kept_fraction": kept_units / c["num_units"],
+        "pruned_layers": pruned_layers, "pruned_heads": pruned_heads,
+        "keep_probability": probs,
+    }
+    return learn.Frozen(masks=None, gates=tuple(gates), metadata=metadata)
+
+  return learn.Structure(name="prune", init=init, sample=sample, freeze=freeze)
+
+
+# ---------------------------------------------------------------------------------------------
+# Physical removal and reporting.
+
+# Head axis of each attention parameter (model.SelfAttention's DenseGeneral layouts):
+# query/key/value kernel [D, H, K], bias [H, K]; output kernel [H, K, D], bias [D] (kept).
+_HEAD_AXIS = {("query", "kernel"): 1, ("query", "bias"): 0, ("key", "kernel"): 1,
+              ("key", "bias"): 0, ("value", "kernel"): 1, ("value", "bias"): 0,
+              ("output", "kernel"): 0}
+
+
+def _take_heads(leaf: Any, idx: np.ndarray, axis: int) -> Any:
+  """Slices heads out of a parameter, boxed (flax partitioning metadata) or not."""
+  if isinstance(leaf, nn.meta.AxisMetadata):
+    return leaf.replace_boxed(jnp.take(leaf.unbox(), idx, axis=axis))
+  return jnp.take(jnp.asarray(leaf), idx, axis=axis)
+
+
+def _gate_values(gate: Any, where: str) -> np.ndarray:
+  g = np.asarray(gate, np.float32)
+  if not np.all((g == 0) | (g == 1)):
+    raise ValueError(f"{where}: gates must be hard {{0, 1}} to extract a pruned model; got "
+                     f"{g.tolist()}. Use structure.freeze(params).gates.")
+  return g
+
+
+def extract(bert_config: Any, params: Mapping[str, Any], frozen_gates: Any
+            ) -> tuple[Any, dict[str, Any]]:
+  """Builds the physically smaller model that the hard gates describe.
+
+  A layer whose gate is 0 (scalar, or every head 0) loses its attention sublayer:
+  heads_per_layer[i] = 0 and its "attention" params are deleted, with "attention_LayerNorm"
+  too unless BertConfig.pruned_keep_layernorm. Per-head gates slice the pruned heads out of
+  the query/key/value kernels and biases and the output kernel (heads_per_layer[i] = kept
+  count). The result equals the gated full model on the same inputs (up to float rounding)
+  for gates from `freeze`; an all-zero [H] vector is treated like the scalar 0 that `freeze`
+  writes for it (the gated model would still add the output projection's bias).
+
+  Args:
+    bert_config: the model's BertConfig.
+    params: a BertModel params tree (keys "embeddings", "layer_0", ...); boxed or plain.
+      For a task model use `extract_task`.
+    frozen_gates: a Frozen, or a per-layer tuple/list (or {"layer_i": gate} dict) of None
+      (untouched), a {0, 1} scalar, or a {0, 1} [H_i] vector.
+
+  Returns:
+    (new_bert_config, new_params); the input tree is not modified.
+  """
+  gates = frozen_gates.gates if isinstance(frozen_gates, learn.Frozen) else frozen_gates
+  num_layers = bert_config.num_hidden_layers
+  if isinstance(gates, Mapping):
+    extra = sorted(set(gates) - {f"layer_{i}" for i in range(num_layers)})
+    if extra:
+      raise ValueError(f"Gates name layers {extra} that a {num_layers}-layer model does not "
+                       "have; they were made for a model of another depth.")
+    gates = [gates.get(f"layer_{i}") for i in range(num_layers)]
+  if not isinstance(gates, (tuple, list)) or len(gates) != num_layers:
+    got = len(gates) if isinstance(gates, (tuple, list)) else type(gates).__name__
+    raise ValueError(f"Gates for {got} layers cannot be applied to a model with "
+                     f"{num_layers} layers; pass one gate (or None) per layer.")
+  present = sorted(int(k[6:]) for k in params if str(k).startswith("layer_"))
+  if present != list(range(num_layers)):
+    raise ValueError(f"params have layers {present} but bert_config has {num_layers}; "
+                     "pass the BertModel params (for a task model use extract_task).")
+  new_params = dict(params)
+  heads = [bert_config.layer_heads(i) for i in range(num_layers)]
+  for i, gate in enumerate(gates):
+    if gate is None:
+      continue
+    g = _gate_values(gate, f"layer {i}")
+    if heads[i] == 0:
+      if g.any():
+        raise ValueError(f"Layer {i} has no attention sublayer; its gate must be 0 or None.")
+      continue
+    if g.ndim == 1 and g.shape != (heads[i],):
+      raise ValueError(f"Layer {i} has {heads[i]} heads but its gate has shape {g.shape}.")
+    if g.ndim > 1:
+      raise ValueError(f"Layer {i}: gate must be a scalar or [H]; got shape {g.shape}.")
+    if g.all():
+      continue
+    layer = dict(new_params[f"layer_{i}"])
+    if not g.any():
+      del layer["attention"]
+      if not bert_config.pruned_keep_layernorm:
+        del layer["attention_LayerNorm"]
+      heads[i] = 0
+    else:
+      idx = np.nonzero(g)[0]
+      attn = {name: dict(sub) for name, sub in layer["attention"].items()}
+      for (name, leaf), axis in _HEAD_AXIS.items():
+        attn[name][leaf] = _take_heads(attn[name][leaf], idx, axis)
+      layer["attention"] = attn
+      heads[i] = int(idx.size)
+    new_params[f"layer_{i}"] = layer
+  new_config = dataclasses.replace(bert_config, heads_per_layer=tuple(heads))
+  return new_config, new_params
+
+
+def extract_task(bert_config: Any, task_params: Mapping[str, Any], frozen_gates: Any
+                 ) -> tuple[Any, dict[str, Any]]:
+  """`extract` for a task model's params: rewrites the "bert" subtree, keeps the head.
+
+  Returns:
+    (new_bert_config, new_task_params).
+  """
+  if "bert" not in task_params:
+    raise ValueError(f"Task params have no 'bert' subtree (keys {sorted(task_params)}); "
+                     "for BertModel params call extract.")
+  new_config, bert = extract(bert_config, task_params["bert"], frozen_gates)
+  return new_config, {**task_params, "bert": bert}
+
+
+def report(frozen: Any) -> str:
+  """Markdown summary of a pruned structure: one row per layer, then the totals.
+
+  Args:
+    frozen: a Frozen from the prune method (or a per-layer gates tuple).
+
+  Returns:
+    A markdown string.
+  """
+  gates = frozen.gates if isinstance(frozen, learn.Frozen) else frozen
+  meta = frozen.metadata if isinstance(frozen, learn.Frozen) else {}
+  probs = meta.get("keep_probability", {})
+  lines = ["| layer | attention | heads kept | pruned heads | keep prob. |",
+           "|---|---|---|---|---|"]
+  removed = []
+  for i, gate in enumerate(gates):
+    p = probs.get(f"layer_{i}")
+    p_txt = "" if p is None else (f"{p:.3f}" if np.ndim(p) == 0 else
+                                  ", ".join(f"{x:.2f}" for x in p))
+    if gate is None:
+      lines.append(f"| {i} | kept (not gated) | all | - | {p_txt} |")
+      continue
+    g = np.asarray(gate)
+    if not g.any():
+      removed.append(i)
+      lines.append(f"| {i} | **pruned** | 0 | all | {p_txt} |")
+    elif g.ndim == 0 or g.all():
+      lines.append(f"| {i} | kept | {'all' if g.ndim == 0 else g.size} | - | {p_txt} |")
+    else:
+      off = ", ".join(str(h) for h in np.nonzero(g == 0)[0])
+      lines.append(f"| {i} | kept | {int(g.sum())}/{g.size} | {off} | {p_txt} |")
+  head = [f"Attention pruning ({meta.get('unit', 'gates')}): "
+          f"{len(removed)}/{len(gates)} attention sublayers removed "
+          f"({', '.join(map(str, removed)) or 'none'})."]
+  if "kept_fraction" in meta:
+    head.append(f"Kept fraction of gated units: {meta['kept_fraction']:.3f}; "
+                f"pruned layers keep LayerNorm: {meta.get('keep_layernorm')}.")
+  return "\n".join(head + [""] + lines) + "\n"

@@ -1,0 +1,518 @@
+"""Learned neighbour degrees (Breaking BERT, Brahma et al.): a band half-width per layer/head.
+
+The papers' exact algorithms could not be recovered; this is a documented reconstruction
+(research/papers.md §2.4). Breaking BERT states that it "learns the degree of connectivity in
+the neighbour connections while optimizing for sparsity"; how is not public. Here each
+learned layer (optionally each head) owns a neighbour half-width w: query i attends to key j
+iff |i - j| <= w, OR-ed with BigBird-style global tokens and random keys that stay fixed.
+Two relaxations make w learnable jointly with the model:
+
+  * "gumbel_softmax": categorical logits over candidate half-widths D (default 0..max_width);
+    each step draws a straight-through hard Gumbel-softmax one-hot z, so the forward mask is
+    exactly the band of the drawn width while the logits receive the relaxed gradient. The
+    penalty is beta * E_p[density], p = softmax(logits), in closed form.
+  * "soft_window": a real width w and the soft band sigmoid((w - |i-j|) / T) (adaptive-span
+    style); the penalty is beta * density of the soft mask.
+
+Penalty normalisation: beta times the MEAN over learned layers (and heads) of the expected
+density at the run's maximum length n, so beta does not scale with depth. Sweeping beta traces
+the accuracy/sparsity trade-off; `bigbird_matched` builds the fixed BigBird baseline at a
+matched density. `freeze` takes the argmax width (gumbel_softmax) or floor(w), the width at
+which the soft band crosses 0.5 (soft_window), clipped to [0, max_width].
+
+Window larger than the sequence: max_width (and every candidate) must be <= n - 1, where
+band(n - 1) is already dense; a larger value is a configuration error (no silent clipping).
+
+Mask semantics: True / 1 = may attend. Shape legend: N sequence length (queries = keys),
+H heads (1 when the width is shared by the heads of a layer), C candidate widths, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sparse_attn import learn
+from sparse_attn.masks import patterns
+
+Array = jax.Array
+
+RELAXATIONS = ("gumbel_softmax", "soft_window")
+INITS = ("widest", "uniform", "narrowest")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Defaults of the "learned_window" method (a reconstruction; see the module docstring).
+
+  Returns:
+    ConfigDict with fields:
+      relaxation: "gumbel_softmax" (categorical over candidate widths, straight-through hard
+        Gumbel-softmax) or "soft_window" (learnable real width, sigmoid band).
+      per_head: one width per head (True) or one per layer, shared by its heads (False).
+      layers: indices of the layers that learn a window; None = every layer with attention.
+        Other layers stay dense (mask None).
+      max_width: largest half-width; None = n - 1 (the dense band). Must be <= n - 1.
+      candidates: explicit list of candidate half-widths (gumbel_softmax); None = 0..max_width.
+      temperature: Gumbel-softmax temperature tau, or the soft band's T (in positions).
+      temperature_final: None = constant; else tau decays geometrically from `temperature` to
+        `temperature_final` over `anneal_steps` steps and then stays there.
+      anneal_steps: length of the annealing schedule.
+      beta: weight of the expected-density penalty (>= 0).
+      global_tokens: g, the first g positions are global (BigBird); 1 makes [CLS] global.
+      random_keys: r random keys per query row, drawn once from `random_seed` and shared by
+        every learned layer and head.
+      random_seed: seed of the random keys.
+      include_self: the diagonal is always kept (True) or never kept by the band (False).
+      init: "widest" (start near dense), "uniform" or "narrowest".
+      init_prob: gumbel_softmax: probability the init puts on the favoured width (the rest is
+        spread uniformly); ignored by "uniform" and by soft_window.
+  """
+  c = ml_collections.ConfigDict()
+  c.relaxation = "gumbel_softmax"
+  c.per_head = False
+  c.layers = None
+  c.max_width = None
+  c.candidates = None
+  c.temperature = 1.0
+  c.temperature_final = None
+  c.anneal_steps = 0
+  c.beta = 0.1
+  c.global_tokens = 0
+  c.random_keys = 0
+  c.random_seed = 0
+  c.include_self = True
+  c.init = "widest"
+  c.init_prob = 0.9
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: bands, densities, relaxed masks.
+
+
+def offsets(n: int) -> np.ndarray:
+  """Returns d_NxN = |i - j| (int32)."""
+  pos = np.arange(n)
+  return np.abs(pos[:, None] - pos[None, :]).astype(np.int32)
+
+
+def offset_counts(n: int) -> np.ndarray:
+  """Number of (i, j) pairs at each offset k = |i - j|: c_0 = n, c_k = 2 (n - k). Shape [N]."""
+  k = np.arange(n)
+  return np.where(k == 0, n, 2 * (n - k)).astype(np.int64)
+
+
+def band_masks(widths: Any, n: int, include_self: bool = True) -> np.ndarray:
+  """Band masks from integer half-widths: M[..., i, j] = |i - j| <= w (diagonal per flag).
+
+  Args:
+    widths: int or int array of any shape [...], each in [0, n - 1].
+    n: sequence length N.
+    include_self: keep the diagonal (True) or clear it (False).
+
+  Returns:
+    bool mask_...xNxN.
+  """
+  w = np.asarray(widths)
+  if not np.issubdtype(w.dtype, np.integer) or np.any(w < 0) or np.any(w > n - 1):
+    raise ValueError(f"Band widths must be integers in [0, {n - 1}] at n={n}; got {w}.")
+  d_NxN = offsets(n)
+  mask = d_NxN <= w[..., None, None]
+  return mask if include_self else mask & (d_NxN > 0)
+
+
+def band_density(width: int, n: int, include_self: bool = True) -> float:
+  """Closed-form density of band(width) at n: (n + 2 sum_{d=1..w} (n - d)) / n^2.
+
+  The sum is w n - w (w + 1) / 2; without the diagonal the leading n is dropped.
+  """
+  w = int(width)
+  if not 0 <= w <= n - 1:
+    raise ValueError(f"Band width must lie in [0, {n - 1}] at n={n}; got {width}.")
+  return ((n if include_self else 0) + 2 * (w * n - w * (w + 1) // 2)) / n**2
+
+
+def fixed_links(n: int, global_tokens: int = 0, random_keys: int = 0,
+                seed: int = 0) -> np.ndarray:
+  """The links the method never learns: global tokens OR r random keys per row.
+
+  Returns:
+    bool mask_NxN (all False when g = r = 0).
+  """
+  fixed_NxN = np.zeros((n, n), bool)
+  if global_tokens:
+    fixed_NxN |= patterns.global_tokens(n, global_tokens)
+  if random_keys:
+    fixed_NxN |= patterns.random(n, random_keys, seed)
+  return fixed_NxN
+
+
+def free_offset_counts(fixed_NxN: np.ndarray) -> np.ndarray:
+  """Pairs at each offset k that the fixed links do NOT already cover. Shape [N]."""
+  n = fixed_NxN.shape[-1]
+  return np.bincount(offsets(n)[~fixed_NxN], minlength=n).astype(np.int64)
+
+
+def tail_keep(z_xC: Any, candidates: Sequence[int], n: int) -> Array:
+  """Per-offset keep value of a distribution over widths: t[..., k] = sum_{c: D_c >= k} z_c.
+
+  For a one-hot z this is the 0/1 band profile of the chosen width; for probabilities it is
+  P(width >= k), the expected keep of offset k.
+
+  Args:
+    z_xC: [..., C] one-hot samples or probabilities over `candidates`.
+    candidates: the C candidate half-widths.
+    n: sequence length N.
+
+  Returns:
+    t_xN, float.
+  """
+  covers_CxN = (np.asarray(candidates)[:, None] >= np.arange(n)[None, :]).astype(np.float32)
+  return jnp.asarray(z_xC, jnp.float32) @ covers_CxN
+
+
+def soft_keep(w_x: Any, n: int, temperature: Any) -> Array:
+  """Soft band profile t[..., k] = sigmoid((w - k) / T). Returns t_xN (w_x has shape [...])."""
+  k_N = jnp.arange(n, dtype=jnp.float32)
+  return jax.nn.sigmoid((jnp.asarray(w_x, jnp.float32)[..., None] - k_N) / temperature)
+
+
+def _set_diagonal(t_xN: Array, include_self: bool) -> Array:
+  return t_xN.at[..., 0].set(1.0 if include_self else 0.0)
+
+
+def masks_from_keep(t_xN: Array, fixed_NxN: np.ndarray) -> Array:
+  """Expands a per-offset profile to a mask and ORs the fixed links (which are exactly 1).
+
+  Args:
+    t_xN: [..., N] keep value per offset |i - j|.
+    fixed_NxN: bool fixed links.
+
+  Returns:
+    float mask_...xNxN, M[..., i, j] = 1 if fixed[i, j] else t[..., |i - j|].
+  """
+  n = fixed_NxN.shape[-1]
+  m = jnp.take(t_xN, jnp.asarray(offsets(n)), axis=-1)
+  return jnp.where(jnp.asarray(fixed_NxN), 1.0, m)
+
+
+def density_from_keep(t_xN: Any, fixed_NxN: np.ndarray) -> Array:
+  """Density of masks_from_keep(t, fixed), in closed form: (sum_k free_k t_k + |F|) / n^2.
+
+  Linear in t, so with t = P(width >= k) it is the expected density E_p[density].
+
+  Returns:
+    float array of shape [...].
+  """
+  n = fixed_NxN.shape[-1]
+  free_N = jnp.asarray(free_offset_counts(fixed_NxN), jnp.float32)
+  return (jnp.asarray(t_xN, jnp.float32) @ free_N + float(fixed_NxN.sum())) / n**2
+
+
+def expected_density(probs_xC: Any, candidates: Sequence[int], n: int,
+                     include_self: bool = True,
+                     fixed_NxN: np.ndarray | None = None) -> Array:
+  """E_p[density(band(D) OR fixed)] at n for a categorical p over candidate widths D.
+
+  Args:
+    probs_xC: [..., C] probabilities.
+    candidates: the C half-widths.
+    n: sequence length N.
+    include_self: whether the band keeps the diagonal.
+    fixed_NxN: fixed links (None = none).
+
+  Returns:
+    float array of shape [...].
+  """
+  fixed_NxN = np.zeros((n, n), bool) if fixed_NxN is None else fixed_NxN
+  return density_from_keep(_set_diagonal(tail_keep(probs_xC, candidates, n), include_self),
+                           fixed_NxN)
+
+
+def gumbel_softmax_st(logits_xC: Array, rng: Array, temperature: Any) -> Array:
+  """Straight-through hard Gumbel-softmax: forward exactly one-hot, gradient of the soft draw.
+
+  Returns:
+    z_xC: one-hot in the forward pass; d z / d logits is that of softmax((logits + g) / tau).
+  """
+  g = jax.random.gumbel(rng, logits_xC.shape, jnp.float32)
+  soft = jax.nn.softmax((logits_xC + g) / temperature, axis=-1)
+  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits_xC.shape[-1], dtype=soft.dtype)
+  # hard + (soft - soft) is exactly `hard` forward (x - x == 0), whereas
+  # (hard - soft) + soft can round away from {0, 1}.
+  return hard + (soft - jax.lax.stop_gradient(soft))
+
+
+def temperature_at(step: Any, temperature: float, temperature_final: float | None,
+                   anneal_steps: int) -> Array:
+  """Geometric annealing tau(s) = tau0 (tau1 / tau0) ** min(s / S, 1); constant if tau1 None."""
+  if temperature_final is None or anneal_steps <= 0:
+    return jnp.asarray(temperature, jnp.float32)
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / anneal_steps, 0.0, 1.0)
+  return temperature * (temperature_final / temperature) ** frac
+
+
+class BigBirdMatch(NamedTuple):
+  """A BigBird mask matched to a target density (`mask`, `density` first)."""
+  mask: np.ndarray     # bool mask_NxN.
+  density: float       # Achieved density at n.
+  window: int          # Half-width of its band.
+  random_keys: int     # Random keys per row.
+
+
+def bigbird_matched(n: int, target_density: float, global_tokens: int = 0, seed: int = 0, *,
+                    window: int | None = None,
+                    random_keys: int | None = None) -> BigBirdMatch:
+  """The BigBird mask (window + global + random) whose density at n best matches a target.
+
+  The mask is `patterns.bigbird(n, w, global_tokens, r, seed)`. Unless fixed by the caller,
+  the half-width w is the largest whose band + global links do not exceed the target
+  (neighbour links first: removing them hurts most, Breaking BERT), and the random-key count
+  r in [0, n] then brings the density closest to the target (ties: fewer keys). With `window`
+  fixed only r is searched; with `random_keys` fixed only w is searched (ties: larger w).
+  A target below the sparsest reachable mask returns that mask.
+
+  Args:
+    n: sequence length N.
+    target_density: in [0, 1].
+    global_tokens: g leading global tokens.
+    seed: seed of the random keys.
+    window: fix the half-width (in [0, n - 1]) instead of choosing it.
+    random_keys: fix the random keys per row (in [0, n]) instead of choosing them.
+
+  Returns:
+    BigBirdMatch(mask = bool mask_NxN, density, window, random_keys); `mask, density, *_ =`
+    unpacks the first two.
+  """
+  if not 0.0 <= target_density <= 1.0:
+    raise ValueError(f"target_density must lie in [0, 1]; got {target_density}.")
+  if window is not None and not 0 <= window <= n - 1:
+    raise ValueError(f"window must lie in [0, {n - 1}] at n={n}; got {window}.")
+  if random_keys is not None and not 0 <= random_keys <= n:
+    raise ValueError(f"random_keys must lie in [0, {n}]; got {random_keys}.")
+  count_WxR = _bigbird_counts(n, global_tokens, seed)
+  err_WxR = np.abs(count_WxR / n**2 - target_density)
+  if window is None and random_keys is None:
+    fits = np.nonzero(count_WxR[:, 0] <= target_density * n**2 + 1e-9)[0]
+    window = int(fits.max()) if fits.size else 0
+  if window is not None:
+    w = int(window)
+    r = int(random_keys) if random_keys is not None else int(np.argmin(err_WxR[w]))
+  else:
+    r = int(random_keys)
+    col = err_WxR[:, r]
+    w = int(np.nonzero(col <= col.min() + 1e-12)[0].max())
+  mask_NxN = patterns.bigbird(n, w, global_tokens, r, seed)
+  return BigBirdMatch(mask_NxN, float(mask_NxN.mean()), w, r)
+
+
+def _bigbird_counts(n: int, global_tokens: int, seed: int) -> np.ndarray:
+  """count[w, r] = kept pairs of patterns.bigbird(n, w, global_tokens, r, seed). [N, N+1]."""
+  glob_NxN = patterns.global_tokens(n, global_tokens)
+  # Rank of each key in its row's random order: the keys of `patterns.random(n, r, seed)`
+  # are those with rank < r (the same draw and stable argsort).
+  order_NxN = np.argsort(np.random.default_rng(seed).random((1, n, n))[0], axis=-1,
+                         kind="stable")
+  rank_NxN = np.empty_like(order_NxN)
+  np.put_along_axis(rank_NxN, order_NxN, np.broadcast_to(np.arange(n), (n, n)), axis=-1)
+  free = ~glob_NxN
+  # hist[d, rho] = non-global pairs at offset d whose random rank is rho.
+  hist_NxN = np.zeros((n, n), np.int64)
+  np.add.at(hist_NxN, (offsets(n)[free], rank_NxN[free]), 1)
+  band_W = np.cumsum(hist_NxN.sum(1))                      # Non-global pairs with d <= w.
+  beyond_WxN = np.zeros((n, n), np.int64)                  # Rows w: pairs with d > w.
+  beyond_WxN[:-1] = hist_NxN[::-1].cumsum(0)[::-1][1:]
+  outside_WxR = np.concatenate(                            # d > w and rank < r.
+      [np.zeros((n, 1), np.int64), beyond_WxN.cumsum(1)], 1)
+  return glob_NxN.sum() + band_W[:, None] + outside_WxR
+
+
+# ---------------------------------------------------------------------------------------------
+# The Structure factory.
+
+
+def resolve_config(structure_config: Any, bert_config: Any, seq_len: int) -> dict[str, Any]:
+  """Merges a config section over `default_config()` and validates it.
+
+  Returns:
+    A plain dict of the method's fields, plus "candidates" (tuple of widths) and
+    "layers" (tuple of learned layer indices) resolved.
+  """
+  defaults = default_config().to_dict()
+  given = dict(structure_config.items()) if structure_config is not None else {}
+  given.pop("method", None)
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"Unknown learned_window config keys {unknown}; known: "
+                     f"{sorted(defaults)}.")
+  c = {**defaults, **given}
+  n = int(seq_len)
+  if n < 2:
+    raise ValueError(f"learned_window needs seq_len >= 2; got {seq_len}.")
+  if c["relaxation"] not in RELAXATIONS:
+    raise ValueError(f"Unknown relaxation {c['relaxation']!r}; use one of {RELAXATIONS}.")
+  if c["init"] not in INITS:
+    raise ValueError(f"Unknown init {c['init']!r}; use one of {INITS}.")
+  if not c["beta"] >= 0:
+    raise ValueError(f"beta (penalty weight) must be >= 0; got {c['beta']}.")
+  for key in ("temperature", "temperature_final"):
+    if c[key] is not None and not c[key] > 0:
+      raise ValueError(f"{key} must be > 0; got {c[key]}.")
+  if c["temperature_final"] is not None and not c["anneal_steps"] > 0:
+    raise ValueError("temperature_final needs anneal_steps > 0 (the annealing length).")
+  if not 0.0 < c["init_prob"] < 1.0:
+    raise ValueError(f"init_prob must lie in (0, 1); got {c['init_prob']}.")
+  max_width = n - 1 if c["max_width"] is None else c["max_width"]
+  if int(max_width) != max_width or max_width < 0:
+    raise ValueError(f"max_width must be a non-negative integer; got {max_width!r}.")
+  if max_width > n - 1:
+    raise ValueError(
+        f"max_width={max_width} is a window larger than the sequence (seq_len={n}); "
+        f"band(n - 1 = {n - 1}) is already dense. Set max_width <= {n - 1} or None.")
+  cands = (tuple(range(int(max_width) + 1)) if c["candidates"] is None
+           else tuple(c["candidates"]))
+  if (not cands or any(int(d) != d or d < 0 for d in cands) or
+      list(cands) != sorted(set(cands))):
+    raise ValueError(f"candidates must be strictly increasing non-negative integers; "
+                     f"got {c['candidates']}.")
+  if cands[-1] > max_width:
+    raise ValueError(
+        f"Candidate width {cands[-1]} exceeds max_width={max_width} (a window larger than "
+        f"the sequence when > {n - 1}); drop it or raise max_width (<= {n - 1}).")
+  c["candidates"] = tuple(int(d) for d in cands)
+  c["max_width"] = int(max_width)
+  for key in ("global_tokens", "random_keys"):
+    if int(c[key]) != c[key] or not 0 <= c[key] <= n:
+      raise ValueError(f"{key} must be an integer in [0, {n}]; got {c[key]!r}.")
+  num_layers = bert_config.num_hidden_layers
+  with_attention = [i for i in range(num_layers) if bert_config.layer_heads(i) > 0]
+  if c["layers"] is None:
+    layers = tuple(with_attention)
+  else:
+    layers = tuple(sorted(set(int(i) for i in c["layers"])))
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+      raise ValueError(f"layers {bad} are outside [0, {num_layers}).")
+    no_attn = [i for i in layers if i not in with_attention]
+    if no_attn:
+      raise ValueError(f"layers {no_attn} have no attention sublayer (heads_per_layer = 0); "
+                       "remove them from `layers`.")
+  if not layers:
+    raise ValueError("learned_window has no layer to learn (no layer with attention).")
+  c["layers"] = layers
+  return c
+
+
+def _init_params(c: dict[str, Any], heads: dict[int, int]) -> dict[str, Array]:
+  cands = np.asarray(c["candidates"])
+  if c["relaxation"] == "gumbel_softmax":
+    num = len(cands)
+    fav = {"widest": num - 1, "narrowest": 0, "uniform": None}[c["init"]]
+    probs = np.full(num, 1.0 / num)
+    if fav is not None and num > 1:
+      probs = np.full(num, (1.0 - c["init_prob"]) / (num - 1))
+      probs[fav] = c["init_prob"]
+    row = np.log(probs).astype(np.float32)
+  else:
+    row = np.float32({"widest": cands[-1], "narrowest": cands[0],
+                      "uniform": 0.5 * (cands[0] + cands[-1])}[c["init"]])
+  return {f"layer_{i}": jnp.broadcast_to(jnp.asarray(row), (h,) + row.shape)
+          for i, h in heads.items()}
+
+
+@learn.register("learned_window")
+def make_structure(structure_config: Any, bert_config: Any, seq_len: int) -> learn.Structure:
+  """Builds the learned-window Structure (reconstruction of Breaking BERT's learned degrees).
+
+  Params: {"layer_i": logits [H|1, C]} (gumbel_softmax) or {"layer_i": width [H|1]}
+  (soft_window) for each learned layer. `sample` returns masks as a per-layer tuple of float
+  [H|1, N, N] (None for dense layers), penalty beta * mean expected density, and metrics
+  "window/expected_width", "window/expected_density", "window/density",
+  "window/temperature". `freeze` returns bool masks and JSON-able metadata.
+  """
+  c = resolve_config(structure_config, bert_config, seq_len)
+  n, cands, num_layers = int(seq_len), c["candidates"], bert_config.num_hidden_layers
+  heads = {i: (bert_config.layer_heads(i) if c["per_head"] else 1) for i in c["layers"]}
+  fixed_NxN = fixed_links(n, c["global_tokens"], c["random_keys"], c["random_seed"])
+  gumbel = c["relaxation"] == "gumbel_softmax"
+  cands_C = jnp.asarray(cands, jnp.float32)
+
+  def init(rng):
+    del rng  # Deterministic init.
+    return _init_params(c, heads)
+
+  def expected(p):
+    """(expected width [H], expected per-offset keep t [H, N]) of one layer's params."""
+    if gumbel:
+      probs = jax.nn.softmax(p, axis=-1)
+      return probs @ cands_C, _set_diagonal(tail_keep(probs, cands, n), c["include_self"])
+    return p, None
+
+  def sample(params, rng, step, train):
+    tau = temperature_at(step, c["temperature"], c["temperature_final"], c["anneal_steps"])
+    masks, exp_dens, dens, widths = [None] * num_layers, [], [], []
+    for i in c["layers"]:
+      p = jnp.asarray(params[f"layer_{i}"], jnp.float32)
+      if gumbel:
+        if train:
+          z = gumbel_softmax_st(p, jax.random.fold_in(rng, i), tau)
+        else:  # Deterministic: the argmax width, as `freeze`.
+          z = jax.nn.one_hot(jnp.argmax(p, axis=-1), len(cands), dtype=jnp.float32)
+        t = _set_diagonal(tail_keep(z, cands, n), c["include_self"])
+        ew, et = expected(p)
+        exp_dens.append(density_from_keep(et, fixed_NxN))
+      else:
+        if train:
+          t = _set_diagonal(soft_keep(p, n, tau), c["include_self"])
+        else:  # Deterministic: the frozen band.
+          w = jnp.clip(jnp.floor(p), 0, c["max_width"])
+          t = _set_diagonal((jnp.arange(n) <= w[..., None]).astype(jnp.float32),
+                            c["include_self"])
+        ew = p
+        exp_dens.append(density_from_keep(
+            _set_diagonal(soft_keep(p, n, tau), c["include_self"]), fixed_NxN))
+      masks[i] = masks_from_keep(t, fixed_NxN)
+      dens.append(density_from_keep(t, fixed_NxN))
+      widths.append(ew)
+    mean = lambda xs: jnp.mean(jnp.concatenate([jnp.ravel(x) for x in xs]))
+    expected_density_ = mean(exp_dens)
+    metrics = {"window/expected_width": mean(widths),
+               "window/expected_density": expected_density_,
+               "window/density": mean(dens),
+               "window/temperature": tau}
+    return learn.Sample(masks=tuple(masks), gates=None,
+                        penalty=c["beta"] * expected_density_, metrics=metrics)
+
+  def freeze(params):
+    masks, widths, densities = [None] * num_layers, {}, {}
+    for i in c["layers"]:
+      p = np.asarray(params[f"layer_{i}"], np.float32)
+      if gumbel:
+        w_H = np.asarray(cands)[np.argmax(p, axis=-1)]
+      else:
+        w_H = np.clip(np.floor(p), 0, c["max_width"]).astype(np.int64)
+      m = band_masks(w_H.astype(np.int64), n, c["include_self"]) | fixed_NxN
+      masks[i] = m
+      per = [float(x) for x in m.mean(axis=(-2, -1))]
+      widths[f"layer_{i}"] = ([int(x) for x in w_H] if c["per_head"] else int(w_H[0]))
+      densities[f"layer_{i}"] = per if c["per_head"] else per[0]
+    layer_density = [1.0 if masks[i] is None else float(masks[i].mean())
+                     for i in range(num_layers)]
+    metadata = {
+        "method": "learned_window",
+        "reconstruction": "Breaking BERT learned neighbour degrees (documented "
+                          "reconstruction; the paper's exact algorithm is not public)",
+        "relaxation": c["relaxation"], "seq_len": n, "per_head": bool(c["per_head"]),
+        "layers": list(c["layers"]), "widths": widths, "densities": densities,
+        "density": float(np.mean(layer_density)),
+        "global_tokens": int(c["global_tokens"]), "random_keys": int(c["random_keys"]),
+        "random_seed": int(c["random_seed"]), "include_self": bool(c["include_self"]),
+    }
+    return learn.Frozen(masks=tuple(masks), gates=None, metadata=metadata)
+
+  return learn.Structure(name="learned_window", init=init, sample=sample, freeze=freeze)
+
