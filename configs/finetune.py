@@ -6,23 +6,17 @@ Variants (one string argument, comma-separated):
   runlocal         a few steps on a few examples: a smoke test in seconds.
   task=wnut16      NER on the offline WNUT-16 tweets (entity F1).
   task=<glue/...>  a tensorflow-datasets task (needs the dataset prepared locally).
+  nodiag           SparseBERT's diagonal removal on every layer (otherwise dense).
+  pattern=NAME     a fixed pattern from sparse_attn.masks.patterns on every layer, e.g.
+                   pattern=window,kw.k=4 (kw.NAME=VALUE are the builder's arguments),
+                   pattern=sparsebert_bigbird.
 """
 
 from sparse_attn import config as config_lib
 
 
-def parse(arg: str | None) -> dict[str, str]:
-  """'runlocal,task=wnut16' -> {'runlocal': '', 'task': 'wnut16'}."""
-  out = {}
-  for part in (arg or "").split(","):
-    if part:
-      k, _, v = part.partition("=")
-      out[k.strip()] = v.strip()
-  return out
-
-
 def get_config(arg: str | None = None):
-  args = parse(arg)
+  args = config_lib.parse_arg(arg)
   c = config_lib.base_config()
   task = args.get("task", "rotten_tomatoes")
   if task.startswith("glue/") or task in ("imdb_reviews", "conll2003"):
@@ -38,11 +32,13 @@ def get_config(arg: str | None = None):
   c.train.eval_batch_size = 128
   c.train.log_every = 10
   c.checkpoint.every_steps = 50
+  if "nodiag" in args:  # SparseBERT: remove the diagonal of every layer's attention.
+    c.masks.remove_diagonal = True
+  if "pattern" in args:  # A fixed pattern on every layer, e.g. pattern=sparsebert_star.
+    c.masks.source = "pattern"
+    c.masks.pattern = args["pattern"]
+    c.masks.kwargs = {k[3:]: config_lib.number(v) for k, v in args.items()
+                      if k.startswith("kw.")}
   if "runlocal" in args:
-    c.data.max_train_examples = 64
-    c.data.max_eval_examples = 64
-    c.train.batch_size = 8
-    c.train.num_steps = 4
-    c.train.log_every = 1
-    c.checkpoint.every_steps = 2
+    config_lib.apply_runlocal(c)
   return c

@@ -69,6 +69,38 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """Parses a config-file argument: 'runlocal,lam=1e-3' -> {'runlocal': '', 'lam': '1e-3'}."""
+  out = {}
+  for part in (arg or "").split(","):
+    if part.strip():
+      key, _, value = part.partition("=")
+      out[key.strip()] = value.strip()
+  return out
+
+
+def number(text: str) -> int | float | str:
+  """'3' -> 3, '1e-3' -> 0.001, anything else unchanged (config-argument values)."""
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return text
+
+
+def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks data and steps so an experiment runs on a laptop CPU in seconds."""
+  c.data.max_train_examples = 64
+  c.data.max_eval_examples = 64
+  c.train.batch_size = 8
+  c.train.eval_batch_size = 32
+  c.train.num_steps = 4
+  c.train.log_every = 1
+  c.checkpoint.every_steps = 2
+  return c
+
+
 _FREE_FORM = {("masks", "kwargs")}  # Sections whose keys are not fixed.
 
 

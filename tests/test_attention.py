@@ -129,3 +129,18 @@ def test_bfloat16_inputs_softmax_in_float32():
   np.testing.assert_allclose(np.asarray(out, np.float32),
                              _reference(*(np.asarray(x, np.float32) for x in (q, k, v))),
                              atol=3e-2)
+
+
+def test_float_mask_gradients_stay_finite_when_kept_scores_are_tiny():
+  """Kept entries far below a dropped entry's score: no underflow, no NaN gradient."""
+  q, k, v = _qkv(7)
+  k = k.at[:, 0].mul(60.0)  # Key 0 dominates every row...
+  m = jnp.ones((H, L, L)).at[:, :, 0].set(0.0)  # ...but is dropped.
+  m = m.at[:, 3].set(0.0)  # And query 3 keeps nothing at all.
+  f = lambda q, k, m: jnp.sum(attention.dot_product_attention(q, k, v, mask=m) ** 2)
+  grads = jax.grad(f, argnums=(0, 1, 2))(q, k, m)
+  for g in grads:
+    assert np.isfinite(np.asarray(g)).all()
+  out = attention.dot_product_attention(q, k, v, mask=m)
+  keep = np.broadcast_to(np.asarray(m, bool), (B, H, L, L))
+  np.testing.assert_allclose(out, _reference(q, k, v, keep=keep), atol=1e-5)

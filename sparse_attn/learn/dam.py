@@ -1,0 +1,551 @@
+"""SparseBERT's Differentiable Attention Mask (DAM_u / DAM_s): logits, sampling, penalty.
+
+A DAM "mask instance" owns logits alpha, one per attention position (DAM_u) or per diagonal
+offset (DAM_s, a Toeplitz mask M[h, i, j] = m[h, |i - j|]), optionally per head and per
+b x b block. Each step samples m = gumbel_sigmoid(alpha) per logit and expands it to
+mask_HxNxN, which enters the model as a float mask (masked softmax, so dropped entries still
+get a gradient). One instance is shared by all DAM layers (the official code) or there is
+one per layer.
+
+Official code (han-shi/SparseBERT), reproduced by `official()`: DAM_s, per head, shared by
+all layers, |i - j| offsets, a hard straight-through 2-class Gumbel-softmax at tau = 1 (the
+same thing as a hard Gumbel-sigmoid on alpha = a0 - a1 with Logistic(0, 1) noise), penalty
+lam * ||M||_1 over the expanded H x n x n tensor counted once, noise also at evaluation.
+
+Conventions of this module:
+  * Noise is `jax.random.logistic` (exactly the difference of two Gumbels; the code's
+    eps = 1e-5 inside the log is a numerical guard and is not reproduced).
+  * Hard mode: forward exactly {0, 1} (1 iff alpha + noise > 0), backward the gradient of
+    the soft sample sigmoid((alpha + noise) / tau). P(keep) = sigmoid(alpha) for any tau.
+  * Penalties use |m| (= m, since m >= 0) as the code's torch.norm(M, p=1) does, so in hard
+    mode only kept entries get the penalty's gradient (|x| has zero gradient at 0).
+    "l1_sum" = lam * sum(|M|) over each instance's H x n x n entries, summed over instances
+    (a shared mask counts once); "density" = lam * sum(|M|) / (number of entries), i.e. the
+    same thing divided by H * n^2 (196,608 for BERT-base at n = 128), so lam_density ~
+    H * n^2 * lam_l1_sum.
+  * target_density t (a target, not a cap) replaces the lam penalty, per instance, on the
+    expected density d = sum(w * sigmoid(alpha)) / (H * n^2). With target_warmup_steps W
+    the target moves linearly from sigmoid(init_logit) (the density at init) to t over W
+    steps. "abs" adds lam * |d - t| (mean over instances, so lam is on the density scale,
+    O(1)). "lagrangian" adds mu1 * g + mu2 * g^2, g = d - t (the form of Wang et al. 2020
+    and CoFi pruning), with free multipliers (mu1, mu2) = params["lagrange"][s] (init 0)
+    whose gradient is reversed: each term is sg(mu) * f + (sg(mu) - mu) * sg(f), whose
+    value is mu * f, whose logit gradient is mu * grad(f), and whose mu gradient is -f.
+    An optimizer that descends the loss therefore ascends the multipliers (dual ascent).
+    Under Adam the multipliers make the density circle the target; keep their learning
+    rate small and use a warm-up (see tests/test_learn_dam.py for a working toy setting).
+  * Evaluation (train=False) is deterministic unless stochastic_eval: "threshold" keeps
+    sigmoid(alpha) > 0.5; "topk" keeps the highest logits until each instance's element
+    density is closest to target_density (exact up to one logit's element count: 1 for
+    element DAM_u, c_d for a DAM_s offset, a block's size with block_size > 0).
+  * keep_diagonal=False forces M[h, i, i] = 0 (SparseBERT's "no diagonal" finding); the
+    diagonal then counts as dropped in every density and gets no gradient.
+  * A head whose whole row is dropped outputs zero for that query (this library's masked
+    softmax), not dense attention as the code's -10000 bias would give.
+
+Shape legend: S mask instances, H heads (1 when not per head), N sequence length n,
+P logits per head, U = n (or n_blocks) rows of DAM_u logits, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sparse_attn import learn
+from sparse_attn.masks import stats
+
+Array = jax.Array
+
+_CHOICES = {
+    "method": ("dam_u", "dam_s"),
+    "share": ("all_layers", "per_layer"),
+    "relaxation": ("hard", "soft"),
+    "anneal": ("exponential", "linear"),
+    "penalty": ("l1_sum", "density"),
+    "target_mode": ("lagrangian", "abs"),
+    "eval_rule": ("threshold", "topk"),
+}
+_BOOLS = ("per_head", "symmetric", "asymmetric", "stochastic_eval", "keep_diagonal")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The DAM defaults (the only place they live): the official code's search settings,
+  with deterministic evaluation."""
+  return ml_collections.ConfigDict(dict(
+      method="dam_s",          # "dam_u": a logit per (i, j); "dam_s": per offset i - j.
+      share="all_layers",      # One mask for all DAM layers (code) | "per_layer".
+      per_head=True,           # A mask per head (code) or one for all heads.
+      layers=None,             # None = every layer with attention; or e.g. [6, 7, ...].
+      symmetric=False,         # DAM_u only: alpha_ij = alpha_ji (code's commented variant).
+      asymmetric=False,        # DAM_s only: signed offsets i - j instead of |i - j|.
+      block_size=0,            # 0 = element level; b > 0 = a logit per b x b block (offset).
+      init_logit=0.0,          # Mean of the initial logits (0: P(keep) = 0.5).
+      init_std=1e-3 * math.sqrt(2.0),  # Code: a0 - a1 with a0, a1 ~ 1e-3 * N(0, 1).
+      relaxation="hard",       # "hard" straight-through (code) | "soft" sigmoid sample.
+      temperature=1.0,         # Code: 1, constant.
+      temperature_final=None,  # None = temperature (constant).
+      anneal_steps=0,          # Steps from temperature to temperature_final.
+      anneal="exponential",    # Or "linear".
+      penalty="l1_sum",        # lam * sum |M| (code) | "density": lam * mean |M|.
+      lam=1e-4,                # Code: BertForPreTraining default; README 1e-4 .. 1e-1.
+      target_density=None,     # None, or a target density in (0, 1].
+      target_mode="lagrangian",  # Or "abs": lam * |expected density - target|.
+      target_warmup_steps=0,   # Move the target from the init density to it over W steps.
+      eval_rule="threshold",   # sigmoid(alpha) > 0.5 | "topk" (needs target_density).
+      stochastic_eval=False,   # True = the code's noisy masks at evaluation.
+      keep_diagonal=True,      # False forces M_ii = 0.
+  ))
+
+
+def official() -> ml_collections.ConfigDict:
+  """Preset "dam_s_official": the han-shi/SparseBERT code (see the module docstring)."""
+  cfg = default_config()
+  cfg.update(method="dam_s", share="all_layers", per_head=True, asymmetric=False,
+             block_size=0, relaxation="hard", temperature=1.0, penalty="l1_sum",
+             lam=1e-4, stochastic_eval=True)
+  return cfg
+
+
+PRESETS = {"dam_s_official": official}
+
+
+def _bad(msg: str):
+  raise ValueError(f"DAM config: {msg}")
+
+
+def validate_config(structure_config: Any, bert_config: Any = None,
+                    seq_len: int | None = None) -> ml_collections.ConfigDict:
+  """Merges `structure_config` onto `default_config()` and checks every field.
+
+  Args:
+    structure_config: a ConfigDict / dict with any subset of the default fields.
+    bert_config: optional BertConfig (layer indices and head counts are checked).
+    seq_len: optional maximum sequence length n (block_size is checked against it).
+
+  Returns:
+    The complete, checked ConfigDict.
+  """
+  defaults = default_config().to_dict()
+  given = dict(structure_config.items()) if structure_config is not None else {}
+  for key in given:
+    if key not in defaults:
+      close = difflib.get_close_matches(key, list(defaults), n=3)
+      hint = f" Did you mean {close}?" if close else ""
+      _bad(f"unknown key {key!r}.{hint} Valid keys: {sorted(defaults)}.")
+  c = {**defaults, **given}
+  if c["temperature_final"] is None:
+    c["temperature_final"] = c["temperature"]
+  for key, choices in _CHOICES.items():
+    if c[key] not in choices:
+      _bad(f"{key}={c[key]!r} is not one of {list(choices)}.")
+  for key in _BOOLS:
+    if not isinstance(c[key], (bool, np.bool_)):
+      _bad(f"{key} must be True or False, got {c[key]!r}.")
+  for key in ("temperature", "temperature_final"):
+    if not c[key] > 0:
+      _bad(f"{key} must be > 0, got {c[key]!r}.")
+  if not (np.isfinite(c["lam"]) and c["lam"] >= 0):
+    _bad(f"lam must be a finite number >= 0, got {c['lam']!r}.")
+  if not c["init_std"] >= 0:
+    _bad(f"init_std must be >= 0, got {c['init_std']!r}.")
+  for key in ("anneal_steps", "block_size", "target_warmup_steps"):
+    if int(c[key]) != c[key] or c[key] < 0:
+      _bad(f"{key} must be an integer >= 0, got {c[key]!r}.")
+  if c["anneal_steps"] == 0 and c["temperature_final"] != c["temperature"]:
+    _bad("temperature_final differs from temperature but anneal_steps is 0; set "
+         "anneal_steps > 0 or temperature_final = temperature.")
+  t = c["target_density"]
+  if t is not None and not 0 < t <= 1:
+    _bad(f"target_density must be None or in (0, 1], got {t!r}.")
+  if c["eval_rule"] == "topk" and t is None:
+    _bad("eval_rule='topk' needs target_density (the density to keep).")
+  if c["symmetric"] and c["method"] != "dam_u":
+    _bad("symmetric ties alpha_ij = alpha_ji for dam_u; dam_s offsets |i - j| are "
+         "already symmetric (use asymmetric=True for signed offsets).")
+  if c["asymmetric"] and c["method"] != "dam_s":
+    _bad("asymmetric (signed offsets) applies to dam_s only; dam_u is unstructured.")
+  if seq_len is not None:
+    if int(seq_len) != seq_len or seq_len < 1:
+      _bad(f"seq_len must be a positive integer, got {seq_len!r}.")
+    if c["block_size"] > seq_len:
+      _bad(f"block_size {c['block_size']} exceeds seq_len {seq_len}; a partial last "
+           "block is allowed but not a block larger than the sequence.")
+  if c["layers"] is not None:
+    layers = list(c["layers"])
+    if not layers or len(set(layers)) != len(layers):
+      _bad(f"layers must be None or a non-empty list of distinct indices, got {layers}.")
+    if bert_config is not None:
+      nl = bert_config.num_hidden_layers
+      bad = [i for i in layers if int(i) != i or not 0 <= i < nl]
+      if bad:
+        _bad(f"layers {bad} are outside [0, {nl}) (the model has {nl} layers).")
+      empty = [i for i in layers if bert_config.layer_heads(int(i)) == 0]
+      if empty:
+        _bad(f"layers {empty} have no attention sublayer (heads_per_layer = 0).")
+    c["layers"] = [int(i) for i in layers]
+  return ml_collections.ConfigDict(c)
+
+
+# ---------------------------------------------------------------- index maps / expansion
+
+def _block_ids(n: int, block_size: int) -> np.ndarray:
+  """Block index of each position (the last block may be partial)."""
+  return np.arange(n) // block_size if block_size else np.arange(n)
+
+
+def num_units(n: int, block_size: int = 0) -> int:
+  """Positions (block_size 0) or blocks ceil(n / b) along one side."""
+  return -(-n // block_size) if block_size else n
+
+
+def toeplitz_index(n: int, asymmetric: bool = False, block_size: int = 0) -> np.ndarray:
+  """DAM_s index map: which offset logit each (i, j) uses.
+
+  Args:
+    n: sequence length.
+    asymmetric: signed offsets (i - j + U - 1, P = 2U - 1) instead of |i - j| (P = U).
+    block_size: 0, or b: offsets between block indices i // b and j // b.
+
+  Returns:
+    index_NxN int32 in [0, P), U = num_units(n, block_size).
+  """
+  u = num_units(n, block_size)
+  b = _block_ids(n, block_size)
+  diff = b[:, None] - b[None, :]
+  return (diff + u - 1 if asymmetric else np.abs(diff)).astype(np.int32)
+
+
+def unstructured_index(n: int, symmetric: bool = False, block_size: int = 0) -> np.ndarray:
+  """DAM_u index map into logits_UxU flattened (row-major).
+
+  Symmetric tying reads alpha[min(i, j), max(i, j)], i.e. the code's
+  triu(alpha) + triu(alpha, 1)^T; the lower triangle of the logits is then unused.
+
+  Returns:
+    index_NxN int32 in [0, U * U).
+  """
+  u = num_units(n, block_size)
+  b = _block_ids(n, block_size)
+  r, c = np.meshgrid(b, b, indexing="ij")
+  if symmetric:
+    r, c = np.minimum(r, c), np.maximum(r, c)
+  return (r * u + c).astype(np.int32)
+
+
+def expand(values_HxP: Array, index_NxN: np.ndarray) -> Array:
+  """Gathers per-logit values into a mask: out[h, i, j] = values[h, index[i, j]].
+
+  Returns:
+    [H, N, N], same dtype as `values_HxP` (differentiable; the gradient sums over the
+    positions sharing a logit).
+  """
+  return jnp.take(values_HxP, jnp.asarray(index_NxN), axis=1)
+
+
+def expand_toeplitz(m_HxP: Array, n: int, asymmetric: bool = False,
+                    block_size: int = 0) -> Array:
+  """DAM_s: M[h, i, j] = m[h, |i - j|] (or m[h, i - j + n - 1]); on blocks with b > 0."""
+  return expand(m_HxP, toeplitz_index(n, asymmetric, block_size))
+
+
+def expand_unstructured(a_HxUxU: Array, n: int, symmetric: bool = False,
+                        block_size: int = 0) -> Array:
+  """DAM_u: M[h, i, j] = a[h, i, j] (blocks: a[h, i // b, j // b]; optionally tied)."""
+  a_HxUxU = jnp.asarray(a_HxUxU)
+  u = num_units(n, block_size)
+  if a_HxUxU.shape[-2:] != (u, u):
+    raise ValueError(f"DAM_u logits must be [H, {u}, {u}] for n={n}, block_size="
+                     f"{block_size}; got {a_HxUxU.shape}.")
+  return expand(a_HxUxU.reshape(a_HxUxU.shape[0], u * u),
+                unstructured_index(n, symmetric, block_size))
+
+
+def logit_weights(index_NxN: np.ndarray, num_logits: int,
+                  eligible_NxN: np.ndarray | None = None) -> np.ndarray:
+  """Number of (eligible) mask entries each logit controls, w_P (float32).
+
+  For |i - j| offsets at element level this is c_0 = n, c_d = 2 (n - d).
+  """
+  e = np.ones(index_NxN.shape) if eligible_NxN is None else eligible_NxN
+  return np.bincount(index_NxN.ravel(), weights=np.asarray(e, np.float64).ravel(),
+                     minlength=num_logits).astype(np.float32)
+
+
+# ---------------------------------------------------------------- relaxation
+
+def gumbel_sigmoid(logits: Array, rng: Array, temperature: Array | float,
+                   hard: bool) -> Array:
+  """A Gumbel-sigmoid (binary Concrete) sample per logit.
+
+  soft = sigmoid((alpha + g) / tau), g ~ Logistic(0, 1). Hard: forward exactly
+  1[alpha + g > 0] in {0, 1}, backward the gradient of `soft` (straight-through). For any
+  tau, P(hard = 1) = sigmoid(alpha).
+
+  Args:
+    logits: alpha, any shape.
+    rng: PRNG key.
+    temperature: tau > 0 (may be traced).
+    hard: straight-through binary sample, else the soft sample.
+
+  Returns:
+    Float32 array of the logits' shape, in [0, 1].
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  z = logits + jax.random.logistic(rng, logits.shape, jnp.float32)
+  soft = jax.nn.sigmoid(z / temperature)
+  if not hard:
+    return soft
+  # soft - sg(soft) is exactly 0 in the forward pass, so the value is exactly {0, 1}.
+  return (z > 0).astype(jnp.float32) + (soft - jax.lax.stop_gradient(soft))
+
+
+def temperature_at(step: Array | int, temperature: float, temperature_final: float,
+                   anneal_steps: int, anneal: str = "exponential") -> Array:
+  """Temperature at `step` (jit-safe): constant, or annealed over `anneal_steps`.
+
+  exponential: tau0 * (tau1 / tau0) ** r; linear: tau0 + (tau1 - tau0) * r, with
+  r = clip(step / anneal_steps, 0, 1); tau1 is kept after `anneal_steps`.
+  """
+  t0, t1 = float(temperature), float(temperature_final)
+  if anneal_steps == 0 or t0 == t1:
+    return jnp.asarray(t0, jnp.float32)
+  r = jnp.clip(jnp.asarray(step, jnp.float32) / anneal_steps, 0.0, 1.0)
+  if anneal == "exponential":
+    return t0 * (t1 / t0) ** r
+  return t0 + (t1 - t0) * r
+
+
+def _sigmoid(x: float) -> float:
+  return 1.0 / (1.0 + math.exp(-x))
+
+
+def target_at(step: Array | int, target: float, start: float, warmup_steps: int) -> Array:
+  """Density target at `step` (jit-safe): linear from `start` to `target` over warm-up."""
+  if warmup_steps == 0:
+    return jnp.asarray(target, jnp.float32)
+  r = jnp.clip(jnp.asarray(step, jnp.float32) / warmup_steps, 0.0, 1.0)
+  return start + (target - start) * r
+
+
+# ---------------------------------------------------------------- densities / binarising
+
+def expected_density(logits_HxP: Array, weights_P: Array | None = None,
+                     total: float | None = None) -> Array:
+  """Expected element density sum_p w_p sigmoid(alpha_p) / total (P(keep) of hard samples).
+
+  Args:
+    logits_HxP: logits.
+    weights_P: entries per logit (None = 1 each).
+    total: number of mask entries (default H * sum(w)).
+  """
+  p = jax.nn.sigmoid(jnp.asarray(logits_HxP, jnp.float32))
+  w = jnp.ones(p.shape[-1]) if weights_P is None else jnp.asarray(weights_P)
+  total = p.shape[0] * jnp.sum(w) if total is None else total
+  return jnp.sum(p * w) / total
+
+
+@functools.partial(jax.jit, static_argnames=("rule",))
+def binarize(logits_HxP: Array, rule: str = "threshold",
+             target_density: float | None = None, weights_P: Array | None = None,
+             total: float | None = None) -> Array:
+  """Deterministic keep decision per logit.
+
+  Args:
+    logits_HxP: logits (all heads of one mask instance).
+    rule: "threshold" (sigmoid(alpha) > 0.5) or "topk": keep the highest logits (over all
+      heads) whose cumulated entry count w is closest to target_density * total.
+    target_density: for "topk".
+    weights_P: entries per logit (None = 1 each).
+    total: entries of the instance (default H * sum(w)).
+
+  Returns:
+    Bool [H, P].
+  """
+  a = jnp.asarray(logits_HxP, jnp.float32)
+  if rule == "threshold":
+    return a > 0
+  if rule != "topk" or target_density is None:
+    raise ValueError(f"binarize: rule {rule!r} must be 'threshold', or 'topk' with a "
+                     "target_density.")
+  w = jnp.ones(a.shape[-1]) if weights_P is None else jnp.asarray(weights_P, jnp.float32)
+  w_all = jnp.broadcast_to(w, a.shape).ravel()
+  total = jnp.sum(w_all) if total is None else total
+  order = jnp.argsort(-a.ravel(), stable=True)
+  cum = jnp.concatenate([jnp.zeros(1), jnp.cumsum(w_all[order])])  # cum[k]: top k kept.
+  k = jnp.argmin(jnp.abs(cum - target_density * total))
+  rank = jnp.zeros(a.size, jnp.int32).at[order].set(jnp.arange(a.size, dtype=jnp.int32))
+  return (rank < k).reshape(a.shape)
+
+
+# ---------------------------------------------------------------- the Structure
+
+@dataclasses.dataclass(frozen=True)
+class _Instance:
+  """One mask (shared by `layers`) and its static index data."""
+  name: str
+  layers: tuple[int, ...]
+  heads: int                 # H of its mask (1 when not per head).
+  logits_shape: tuple[int, ...]
+  index: np.ndarray          # [N, N] into the P logits of a head.
+  eligible: np.ndarray       # [N, N] float32: 0 where the diagonal is forced off.
+  weights: np.ndarray        # [P] eligible entries per logit.
+
+  @property
+  def total(self) -> float:  # Entries of the expanded H x N x N mask.
+    return float(self.heads * self.index.size)
+
+
+def _instances(c, bert_config, n: int) -> list[_Instance]:
+  nl = bert_config.num_hidden_layers
+  layers = c.layers if c.layers is not None else [
+      i for i in range(nl) if bert_config.layer_heads(i) > 0]
+  if not layers:
+    _bad("the model has no layer with attention to put a DAM mask on.")
+  b, u = c.block_size, num_units(n, c.block_size)
+  if c.method == "dam_s":
+    index = toeplitz_index(n, c.asymmetric, b)
+    shape = (2 * u - 1 if c.asymmetric else u,)
+  else:
+    index = unstructured_index(n, c.symmetric, b)
+    shape = (u, u)
+  eligible = np.ones((n, n), np.float32)
+  if not c.keep_diagonal:
+    np.fill_diagonal(eligible, 0.0)
+  weights = logit_weights(index, int(np.prod(shape)), eligible)
+  heads = {i: bert_config.layer_heads(i) if c.per_head else 1 for i in layers}
+  if c.share == "all_layers":
+    if len(set(heads.values())) > 1:
+      _bad(f"a mask shared by all layers needs equal head counts, got {heads}; use "
+           "share='per_layer' or per_head=False.")
+    groups = [("shared", tuple(layers))]
+  else:
+    groups = [(f"layer_{i}", (i,)) for i in layers]
+  return [_Instance(name, ls, heads[ls[0]], (heads[ls[0]],) + shape, index, eligible,
+                    weights) for name, ls in groups]
+
+
+def _make(structure_config, bert_config, seq_len: int, method: str) -> learn.Structure:
+  c = validate_config(structure_config, bert_config, seq_len)
+  if c.method != method:
+    _bad(f"method {c.method!r} was built by the {method!r} factory.")
+  n, nl = int(seq_len), bert_config.num_hidden_layers
+  insts = _instances(c, bert_config, n)
+  hard = c.relaxation == "hard"
+  lagrangian = c.target_density is not None and c.target_mode == "lagrangian"
+
+  def init(rng: Array) -> dict[str, Any]:
+    keys = jax.random.split(rng, len(insts))
+    params = {"logits": {
+        s.name: c.init_logit + c.init_std * jax.random.normal(k, s.logits_shape)
+        for s, k in zip(insts, keys)}}
+    if lagrangian:  # (mu1, mu2) per instance.
+      params["lagrange"] = jnp.zeros((len(insts), 2), jnp.float32)
+    return params
+
+  def sample(params, rng: Array, step: Array, train: bool) -> learn.Sample:
+    tau = temperature_at(step, c.temperature, c.temperature_final, c.anneal_steps,
+                         c.anneal)
+    noisy = train or c.stochastic_eval
+    masks: list[Any] = [None] * nl
+    l1, expected = [], []
+    for s, inst in enumerate(insts):
+      a_HxP = params["logits"][inst.name].reshape(inst.heads, -1).astype(jnp.float32)
+      if noisy:
+        m_HxP = gumbel_sigmoid(a_HxP, jax.random.fold_in(rng, s), tau, hard)
+      else:
+        m_HxP = binarize(a_HxP, c.eval_rule, c.target_density, inst.weights,
+                         inst.total).astype(jnp.float32)
+      mask_HxNxN = expand(m_HxP, inst.index)
+      if not c.keep_diagonal:
+        mask_HxNxN = mask_HxNxN * inst.eligible
+      for layer in inst.layers:
+        masks[layer] = mask_HxNxN
+      # sum |M| over the expanded mask, computed per logit (w_p entries share m_p). Like
+      # torch's |x| (gradient 0 at 0), an exactly dropped entry gets no penalty gradient.
+      l1.append(jnp.sum(jnp.where(m_HxP != 0, jnp.abs(m_HxP), 0.0) * inst.weights))
+      expected.append(expected_density(a_HxP, inst.weights, inst.total))
+    total = sum(i.total for i in insts)
+    metrics = {"dam/density": sum(l1) / total,
+               "dam/expected_density": sum(e * i.total for e, i in zip(expected, insts))
+                                       / total,
+               "dam/temperature": tau}
+    if c.target_density is None:
+      penalty = c.lam * (sum(l1) if c.penalty == "l1_sum" else sum(l1) / total)
+    else:
+      target = target_at(step, c.target_density, _sigmoid(c.init_logit),
+                         c.target_warmup_steps)
+      metrics["dam/target_density"] = target
+      gap_S = jnp.stack(expected) - target
+      if c.target_mode == "abs":
+        penalty = c.lam * jnp.mean(jnp.abs(gap_S))
+      else:
+        mu_Sx2 = params["lagrange"].astype(jnp.float32)
+        f_Sx2 = jnp.stack([gap_S, gap_S ** 2], axis=-1)
+        sg = jax.lax.stop_gradient
+        # Value mu * f; d/dlogits = mu * df; d/dmu = -f (ascent under descent).
+        penalty = jnp.sum(sg(mu_Sx2) * f_Sx2 + (sg(mu_Sx2) - mu_Sx2) * sg(f_Sx2))
+        metrics["dam/lagrange_mu"] = jnp.mean(mu_Sx2[:, 0])
+        metrics["dam/lagrange_mu2"] = jnp.mean(mu_Sx2[:, 1])
+    return learn.Sample(masks=tuple(masks), gates=None,
+                        penalty=jnp.asarray(penalty, jnp.float32), metrics=metrics)
+
+  def freeze(params) -> learn.Frozen:
+    masks: list[Any] = [None] * nl
+    dens_layer: list[float | None] = [None] * nl
+    dens_head: list[list[float] | None] = [None] * nl
+    block_dens: list[float | None] = [None] * nl
+    for inst in insts:
+      a_HxP = np.asarray(params["logits"][inst.name], np.float32).reshape(inst.heads, -1)
+      keep_HxP = np.asarray(binarize(a_HxP, c.eval_rule, c.target_density, inst.weights,
+                                     inst.total))
+      mask_HxNxN = keep_HxP[:, inst.index] & (inst.eligible > 0)
+      for layer in inst.layers:
+        masks[layer] = mask_HxNxN
+        dens_layer[layer] = float(mask_HxNxN.mean())
+        dens_head[layer] = [float(x) for x in mask_HxNxN.mean(axis=(1, 2))]
+        if c.block_size:
+          block_dens[layer] = stats.block_density(mask_HxNxN, c.block_size)
+    metadata = {
+        "method": c.method, "seq_len": n, "block_size": int(c.block_size),
+        "share": c.share, "per_head": bool(c.per_head),
+        "layers": sorted(l for i in insts for l in i.layers),
+        "symmetric": bool(c.symmetric), "asymmetric": bool(c.asymmetric),
+        "keep_diagonal": bool(c.keep_diagonal), "relaxation": c.relaxation,
+        "temperature": float(c.temperature),
+        "temperature_final": float(c.temperature_final),
+        "anneal_steps": int(c.anneal_steps), "penalty": c.penalty, "lam": float(c.lam),
+        "target_density": None if c.target_density is None else float(c.target_density),
+        "target_mode": c.target_mode, "target_warmup_steps": int(c.target_warmup_steps),
+        "eval_rule": c.eval_rule,
+        "threshold": "sigmoid(logit) > 0.5" if c.eval_rule == "threshold" else
+                     f"top logits to element density {c.target_density}",
+        "element_density": float(np.mean([m.mean() for m in masks if m is not None])),
+        "element_density_per_layer": dens_layer,
+        "element_density_per_head": dens_head,
+    }
+    if c.block_size:
+      metadata["block_density_per_layer"] = block_dens
+    return learn.Frozen(masks=tuple(masks), gates=None, metadata=metadata)
+
+  return learn.Structure(name=method, init=init, sample=sample, freeze=freeze)
+
+
+@learn.register("dam_u")
+def dam_u(structure_config, bert_config, seq_len: int) -> learn.Structure:
+  """DAM_u: a logit per attention position (or b x b block). See `default_config`."""
+  return _make(structure_config, bert_config, seq_len, "dam_u")
+
+
+@learn.register("dam_s")
+def dam_s(structure_config, bert_config, seq_len: int) -> learn.Structure:
+  """DAM_s: a logit per diagonal offset (Toeplitz mask). See `default_config`."""
+  return _make(structure_config, bert_config, seq_len, "dam_s")
