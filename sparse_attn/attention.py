@@ -24,6 +24,7 @@ whatever the input dtype.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable
 
 import jax
@@ -34,6 +35,9 @@ Array = jax.Array
 # A backend computes attention given the normalised inputs below; later backends
 # (block-sparse, Splash on TPU, cuDNN on GPU) register here and must match 'dense'.
 BACKENDS: dict[str, Callable[..., Array]] = {}
+# Backends living in other modules, imported on first use.
+_LAZY_BACKENDS = {"blocksparse": "sparse_attn.blocksparse", "auto": "sparse_attn.accel",
+                  "splash": "sparse_attn.accel", "cudnn": "sparse_attn.accel"}
 
 
 def register_backend(name: str):
@@ -109,11 +113,21 @@ def dense_attention(q_BxQxHxD: Array, k_BxKxHxD: Array, v_BxKxHxD: Array, *,
     s_BxHxQxK = s_BxHxQxK + bias.astype(jnp.float32)
   if keep is not None:
     s_BxHxQxK = jnp.where(keep, s_BxHxQxK, jnp.finfo(jnp.float32).min)
-  # Subtracting the row max is a numerical shift only; its gradient cancels exactly.
-  m_BxHxQx1 = jax.lax.stop_gradient(jnp.max(s_BxHxQxK, axis=-1, keepdims=True))
-  p_BxHxQxK = jnp.exp(s_BxHxQxK - m_BxHxQx1)
-  if scale is not None:
-    p_BxHxQxK = p_BxHxQxK * scale
+  # Subtracting a per-row shift m is numerically exact; its gradient cancels.
+  m_BxHxQx1 = jnp.max(s_BxHxQxK, axis=-1, keepdims=True)
+  if scale is None:
+    p_BxHxQxK = jnp.exp(s_BxHxQxK - jax.lax.stop_gradient(m_BxHxQx1))
+  else:
+    # Shift by the largest *weighted* term max(s + log M) so the row sum is >= 1 (no
+    # underflow, which would make the division's gradient NaN); rows whose M is all zero
+    # fall back to the plain max. Exponents are capped (30 where M > 0: exact for
+    # M >= 1e-13; 10 where M = 0, which only bounds the "what if kept" gradient).
+    logm = jnp.where(scale > 0, jnp.log(jnp.where(scale > 0, scale, 1.0)), -jnp.inf)
+    mw_BxHxQx1 = jnp.max(s_BxHxQxK + logm, axis=-1, keepdims=True)
+    m_BxHxQx1 = jax.lax.stop_gradient(
+        jnp.where(jnp.isfinite(mw_BxHxQx1), mw_BxHxQx1, m_BxHxQx1))
+    t_BxHxQxK = jnp.minimum(s_BxHxQxK - m_BxHxQx1, jnp.where(scale > 0, 30.0, 10.0))
+    p_BxHxQxK = jnp.exp(t_BxHxQxK) * scale
   if keep is not None:
     # A fully masked row has every score at the same finite minimum, so exp gives 1s;
     # zeroing them here makes the row sum 0 and the row output exactly 0.
@@ -178,6 +192,8 @@ def dot_product_attention(
   if query.ndim != 4 or key.shape != value.shape or query.shape[-1] != key.shape[-1]:
     raise ValueError(f"Expected query [B,Q,H,D], key/value [B,K,H,D]; got {query.shape}, "
                      f"{key.shape}, {value.shape}.")
+  if backend not in BACKENDS and backend in _LAZY_BACKENDS:
+    importlib.import_module(_LAZY_BACKENDS[backend])  # Registers itself on import.
   if backend not in BACKENDS:
     raise ValueError(f"Unknown attention backend {backend!r}; known: {sorted(BACKENDS)}.")
   b, q, h, _ = query.shape
@@ -194,8 +210,11 @@ def dot_product_attention(
       return jnp.where(keep, w / keep_prob, 0.0)
 
   if hasattr(mask, "execute"):  # A block-sparse mask object: its backend runs it.
+    # Executors that never build [B, H, Q, K] weights draw their own dropout from the rng.
     out = mask.execute(query, key, value, key_valid=key_valid, bias=bias,
-                       dropout_fn=dropout_fn, precision=precision, backend=backend)
+                       dropout_fn=dropout_fn, precision=precision, backend=backend,
+                       dropout_rng=dropout_rng if dropout_fn is not None else None,
+                       dropout_rate=dropout_rate if dropout_fn is not None else 0.0)
   else:
     keep, scale = _combine_keep(mask, key_valid, b, h, q, k)
     out = BACKENDS[backend](query, key, value, keep=keep, scale=scale, bias=bias,
