@@ -25,7 +25,8 @@ def main(argv):
   from sparse_attn import export, train
   metrics, run, frozen = train.evaluate_workdir(FLAGS.workdir, FLAGS.config, FLAGS.step)
   for split, m in metrics.items():
-    print(f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items())))
+    print(f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items())
+                                    if not k.startswith("density/")))
   if FLAGS.export_masks:
     written = export.export_masks(frozen, FLAGS.export_masks)
     print(json.dumps({"exported": [str(p) for p in written]}, indent=1))

@@ -20,7 +20,10 @@ def main(argv):
   summary = {k: v for k, v in results.items() if not isinstance(v, dict)}
   for split, metrics in results.items():
     if isinstance(metrics, dict):
-      print(f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+      main = {k: v for k, v in metrics.items() if not k.startswith("density/")}
+      print(f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(main.items())))
+      per_layer = [f"{metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("density/")]
+      print(f"[{split}] attention density per layer (valid pairs): {' '.join(per_layer)}")
   print("  ".join(f"{k}={v}" for k, v in summary.items()))
   if results.get("preempted"):
     sys.exit(143)  # 128 + SIGTERM: the scheduler sees a preempted, resumable job.

@@ -10,6 +10,7 @@ Variants (one string argument, comma-separated):
   pattern=NAME     a fixed pattern from sparse_attn.masks.patterns on every layer, e.g.
                    pattern=window,kw.k=4 (kw.NAME=VALUE are the builder's arguments),
                    pattern=sparsebert_bigbird.
+  start=K          apply the mask to layers K.. only (dense below).
 """
 
 from sparse_attn import config as config_lib
@@ -39,6 +40,8 @@ def get_config(arg: str | None = None):
     c.masks.pattern = args["pattern"]
     c.masks.kwargs = {k[3:]: config_lib.number(v) for k, v in args.items()
                       if k.startswith("kw.")}
+  if "start" in args:  # Masks on layers start..L-1 only (Breaking BERT: later layers).
+    c.masks.start_layer = int(args["start"])
   if "runlocal" in args:
     config_lib.apply_runlocal(c)
   return c

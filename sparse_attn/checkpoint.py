@@ -11,7 +11,8 @@ when complete), so a checkpoint directory is never half-written. Kept: the lates
 `keep` steps and the best `keep_best` by the dev metric.
 
 Resume order (train.py): the latest restorable step in the workdir (a corrupted latest
-step is skipped with a warning, falling back to the previous one); else
+step is skipped with a warning, falling back to the previous one, and renamed to
+`<step>.unreadable-<n>` so the resumed run can write that step again); else
 `config.init_from`; else random initialisation.
 """
 
@@ -57,7 +58,7 @@ class Checkpointer:
     self.best_metric = best_metric
     policies = [LatestN(n=max(1, keep))]
     if best_metric and keep_best > 0:
-      policies.append(BestN(get_metric_fn=lambda m: float(m[best_metric]), n=keep_best,
+      policies.append(BestN(get_metric_fn=lambda m: _rank(m[best_metric]), n=keep_best,
                             keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=AnyPreservationPolicy(policies),
@@ -96,13 +97,17 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-  def restore_state(self, target: Any, step: int | None = None) -> tuple[Any, int] | None:
+  def restore_state(self, target: Any, step: int | None = None, *,
+                    set_aside_unreadable: bool = False) -> tuple[Any, int] | None:
     """Restores the state of `step`, or of the newest restorable step.
 
     Args:
       target: a state pytree (arrays or ShapeDtypeStructs) giving structure, dtypes and
         shardings; restoring onto another mesh only needs other shardings here.
       step: a specific step, or None for the newest one that restores cleanly.
+      set_aside_unreadable: rename the newer steps that failed to restore to
+        `<step>.unreadable-<n>` (kept for inspection), so a resumed run can save those
+        step numbers again.
 
     Returns:
       (state, step), or None when the directory holds no checkpoint.
@@ -111,7 +116,7 @@ class Checkpointer:
     if not steps:
       return None
     abstract = _abstract(target)
-    errors = []
+    errors, failed = [], []
     for s in steps:
       try:
         out = self.manager.restore(s, args=ocp.args.Composite(
@@ -119,14 +124,48 @@ class Checkpointer:
         if errors:
           logging.warning("Restored step %d after skipping unreadable checkpoint(s): %s",
                           s, "; ".join(errors))
+          if set_aside_unreadable:
+            self._set_aside(failed)
         return out["state"], s
       except Exception as e:  # noqa: BLE001 - any failure means "try an older step".
         msg = f"step {s}: {type(e).__name__}: {str(e)[:300]}"
         logging.warning("Checkpoint %s could not be restored (%s); trying an older one.",
                         self.directory / str(s), msg)
         errors.append(msg)
+        failed.append(s)
     raise CheckpointError(f"No checkpoint in {self.directory} could be restored:\n  " +
                           "\n  ".join(errors) + "\nMove the directory away to start afresh.")
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames unreadable step directories out of the manager's view (process 0 only)."""
+    if jax.process_index() == 0:
+      for s in steps:
+        src = self.directory / str(s)
+        n = 0
+        while (dst := self.directory / f"{s}.unreadable-{n}").exists():
+          n += 1
+        src.rename(dst)
+        logging.warning("Moved unreadable checkpoint %s to %s.", src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("sparse_attn_checkpoint_set_aside")
+    self.manager.reload()
+
+  def restore_model_params(self, step: int | None = None) -> Any:
+    """The model weights ("params"/"model") of `step` (default latest), host arrays.
+
+    Restores without a target, so the other items of the state (optimizer, structure
+    params) may differ from the caller's: this is how `init_from="run:<dir>"` starts a new
+    run, with a new structure or optimizer, from another run's weights.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+    state = out["state"]
+    params = state["params"] if isinstance(state, dict) else state.params
+    return jax.tree.map(np.asarray, params["model"])
 
   def restore_masks(self, step: int | None = None) -> tuple[dict[str, np.ndarray],
                                                             dict[str, Any]] | None:
@@ -144,6 +183,12 @@ class Checkpointer:
       return None
     return dict(self.manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"])
+
+
+def _rank(value: Any) -> float:
+  """A dev metric as a sort key: NaN (e.g. Pearson of constant predictions) ranks last."""
+  value = float(value)
+  return -np.inf if np.isnan(value) else value
 
 
 def _jsonable(obj: Any) -> Any:

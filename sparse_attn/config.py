@@ -20,6 +20,8 @@ Sections:
                 wins) with their own learning rate / weight decay.
   train         batch size, steps or epochs, logging and evaluation cadence, seed.
   checkpoint    save cadence, how many to keep (latest and best by the dev metric).
+  export        at the end of training, export the learned/fixed masks (and gates) to
+                <workdir>/masks (sparse_attn/export.py), FlexAttention tiles of block_size.
   mesh          (data, model) shape and logical-axis rules.
   distributed   multi-process JAX settings (jax.distributed.initialize).
 """
@@ -61,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=20, eval_every=0, eval_splits=["validation"], max_eval_batches=0))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=200, keep=2, keep_best=1, async_save=True))
+  c.export = ml_collections.ConfigDict(dict(masks=True, block_size=128))
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1), rules=[list(r) for r in sharding.DEFAULT_RULES]))
   c.distributed = ml_collections.ConfigDict(dict(

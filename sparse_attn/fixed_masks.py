@@ -181,6 +181,8 @@ def freeze(structure, fixed, structure_params, bert_config, max_len: int, *, ste
     kept = [m.mean() for m in masks if m is not None] + [1.0] * sum(
         m is None for m in masks)
     meta["element_density"] = float(np.mean(kept))
+  if gates is not None:
+    meta["gates"] = [None if g is None else np.asarray(g).tolist() for g in gates]
   if learned:
     meta["learned"] = learned.metadata
   return FrozenStructure(masks=masks, gates=gates, metadata=meta)

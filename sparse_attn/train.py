@@ -50,22 +50,51 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_model(config, task) -> tuple[model_lib.BertConfig, nn.Module, Any]:
-  """Returns (BertConfig, task module, pretrained BertModel params or None)."""
+  """Returns (BertConfig, task module, initial params or None).
+
+  The initial params are a BertModel tree (pretrained encoder; the head stays random) or,
+  for `init_from="pruned:<run>"`, a whole task-model tree: the physically smaller model
+  extracted from that self-pruning run's hard gates (its config fixes heads_per_layer).
+  """
   overrides = config_lib.bert_overrides(config.model)
   init_from = config.init_from
-  bert_params = None
+  init_params = None
   if init_from == "minilm":
-    bert_config, bert_params = pretrained.load_minilm(**overrides)
+    bert_config, init_params = pretrained.load_minilm(**overrides)
+  elif init_from.startswith("pruned:"):
+    bert_config, init_params = _extract_pruned(init_from[len("pruned:"):], overrides)
   elif init_from and not init_from.startswith("run:"):
-    bert_config, bert_params = pretrained.load_hf_bert(init_from, **overrides)
+    bert_config, init_params = pretrained.load_hf_bert(init_from, **overrides)
   else:
     bert_config = model_lib.BertConfig(**overrides)
-  bert_params = _apply_heads_per_layer(bert_params, bert_config)
-  if bert_params is not None:
-    bert_params.pop("mlm_head", None)
+  if init_params is not None and "bert" not in init_params:
+    init_params.pop("mlm_head", None)
+    init_params = _apply_heads_per_layer(init_params, bert_config)
   head = model_lib.HEADS_BY_TASK[task.kind]
   module = head(bert_config) if task.kind == "mlm" else head(bert_config, task.num_labels)
-  return bert_config, module, bert_params
+  return bert_config, module, init_params
+
+
+def _extract_pruned(source: str, overrides: dict) -> tuple[model_lib.BertConfig, dict]:
+  """The smaller model of a self-pruning run: (BertConfig, task params with "bert")."""
+  from sparse_attn.learn import prune
+  src_dir = pathlib.Path(source).absolute()
+  ck = ckpt_lib.Checkpointer(src_dir / "checkpoints", async_save=False)
+  saved = ck.restore_config()
+  ck.close()
+  if saved is None:
+    raise ckpt_lib.CheckpointError(f"init_from='pruned:{source}': no checkpoint with a "
+                                   "config there; run the pruning search first.")
+  src = setup(ml_collections.ConfigDict(saved), src_dir, restore=True)
+  frozen = src.frozen(src.state)
+  src.ckpt.close()
+  if frozen.gates is None:
+    raise ValueError(f"The run in {source} learned no gates (structure.method is "
+                     f"{saved.get('structure', {}).get('method')!r}, not 'prune').")
+  params = jax.device_get(src.state.params["model"])
+  new_config, new_params = prune.extract_task(src.bert_config, params, frozen.gates)
+  keep = {k: v for k, v in overrides.items() if k != "heads_per_layer"}
+  return dataclasses.replace(new_config, **keep), new_params
 
 
 def _apply_heads_per_layer(params, bert_config):
@@ -116,9 +145,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
   names = [f"group_{i}" for i in range(len(groups))] + ["default"]
   settings = [dict(base, **over) for _, over in groups] + [base]
   schedules = {n: schedule(s["learning_rate"], s["schedule"]) for n, s in zip(names, settings)}
-  transforms = {n: optax.adamw(schedules[n], b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                               weight_decay=s["weight_decay"])
-                for n, s in zip(names, settings)}
+  decays = {n: float(s["weight_decay"]) for n, s in zip(names, settings)}
 
   def labels(params):
     def label(path, _):
@@ -129,11 +156,34 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
       return "default"
     return jax.tree_util.tree_map_with_path(label, params)
 
+  # AdamW with per-group learning rate and decoupled weight decay. One Adam state covers
+  # every parameter (optax.multi_transform's masked states do not round-trip through
+  # orbax checkpoints); the groups differ only in the final scaling.
   chain = []
   if opt.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-  chain.append(optax.multi_transform(transforms, labels))
+  chain.append(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps))
+  chain.append(_scale_by_group(labels, schedules, decays))
   return optax.chain(*chain), labels, schedules
+
+
+def _scale_by_group(labels_fn, schedules, decays) -> optax.GradientTransformation:
+  """u -> -lr_g(t) * (u + wd_g * param), with g the parameter's group."""
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params):
+    labels = labels_fn(updates)
+    lrs = {g: sched(state.count) for g, sched in schedules.items()}
+    def scale(u, p, g):
+      if decays[g]:
+        u = u + decays[g] * p
+      return -lrs[g] * u
+    new = jax.tree.map(scale, updates, params, labels)
+    return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
 
 
 # ------------------------------------------------------------------------------ state
@@ -170,7 +220,7 @@ def create_state(module, structure, tx, example, mesh, rules, seed: int):
 
 def evaluate(eval_step, state, dataset, task, mesh, batch_size, frozen, max_batches=0):
   """Runs `eval_step` over a split; returns the task's official metrics (+ loss)."""
-  preds, labels, weights, losses = [], [], [], []
+  preds, labels, weights, losses, density = [], [], [], [], []
   for i, batch in enumerate(dataset.batches(batch_size, shuffle=False, drop_remainder=False,
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count())):
@@ -183,11 +233,18 @@ def evaluate(eval_step, state, dataset, task, mesh, batch_size, frozen, max_batc
     labels.append(out["labels"])
     weights.append(out["weights"])
     losses.append((out["loss_sum"], out["loss_count"]))
+    density.append((out["density_sum"], out["examples"]))
   if not preds:
     raise ValueError("The evaluation split produced no batches.")
   metrics = data_lib.compute_metrics(task, preds, labels, weights)
   total, count = (sum(float(a) for a, _ in losses), sum(float(b) for _, b in losses))
   metrics["loss"] = total / max(count, 1.0)
+  # Attention density over valid (non-padding) pairs, per layer and over all layers.
+  per_layer = sum(d for d, _ in density) / max(sum(float(n) for _, n in density), 1.0)
+  for i, d in enumerate(per_layer):
+    metrics[f"density/layer_{i}"] = float(d)
+  metrics["attention_density"] = float(np.mean(per_layer))
+  metrics["attention_sparsity"] = 1.0 - metrics["attention_density"]
   return metrics
 
 
@@ -280,7 +337,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   train_ds = data_lib.build_dataset(config.data, "train", tokenizer=tokenizer)
   eval_sets = {s: data_lib.build_dataset(config.data, s, tokenizer=tokenizer)
                for s in config.train.eval_splits}
-  bert_config, module, bert_params = build_model(config, task)
+  bert_config, module, init_params = build_model(config, task)
   max_len = config.data.max_len
   structure = learn.build(config.structure, bert_config, max_len)
   fixed = fixed_lib.build(config.masks, bert_config, max_len)
@@ -299,12 +356,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
       workdir / "checkpoints", keep=config.checkpoint.keep,
       keep_best=config.checkpoint.keep_best, best_metric=task.main_metric,
       async_save=config.checkpoint.async_save)
-  restored = ckpt.restore_state(state) if restore else None
+  restored = ckpt.restore_state(state, set_aside_unreadable=True) if restore else None
   if restored is not None:
     state, step = restored
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
   else:
-    state = _init_from(state, config, bert_params, state_shardings)
+    state = _init_from(state, config, init_params, state_shardings)
   return Run(config, workdir, mesh, task, train_ds, eval_sets, bert_config, module,
              structure, fixed, total_steps, tx, schedules, state, state_shardings, ckpt)
 
@@ -399,12 +456,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       save(state, frozen, metrics=out[main_split], force=True)
       results.update(out)
       results["step"] = int(state.step)
+      if jax.process_index() == 0:
+        _write_artifacts(run, frozen)
   ckpt.close()
   writer.close()
   results["wall_time_s"] = time.perf_counter() - t_start
   if jax.process_index() == 0:
     (run.workdir / "results.json").write_text(json.dumps(results, indent=2, default=float))
   return results
+
+
+def _write_artifacts(run: Run, frozen) -> None:
+  """End-of-training artifacts: exported masks and, for pruning, the pruned-layer report."""
+  from sparse_attn import export
+  if run.config.export.masks and (frozen.masks is not None or frozen.gates is not None):
+    export.export_masks(frozen, run.workdir / "masks", block_size=run.config.export.block_size)
+  if run.structure is not None and run.structure.name == "prune":
+    from sparse_attn.learn import prune
+    from sparse_attn import learn as learn_lib
+    report = prune.report(learn_lib.Frozen(gates=frozen.gates,
+                                           metadata=frozen.metadata.get("learned", {})))
+    (run.workdir / "pruned_layers.md").write_text(report + "\n")
+    print(report)
 
 
 def evaluate_workdir(workdir: str | pathlib.Path, config=None, step: int | None = None
@@ -415,7 +488,12 @@ def evaluate_workdir(workdir: str | pathlib.Path, config=None, step: int | None 
     (metrics per split, the Run, the frozen structure used).
   """
   workdir = pathlib.Path(workdir).absolute()
-  if config is None:
+  if config is not None:
+    sharding.maybe_initialize_distributed(config)  # Before anything touches the backend.
+  else:
+    # The saved `distributed` section describes how the training job was launched
+    # (coordinator, process ids), not this one: use the defaults (plus the environment).
+    sharding.maybe_initialize_distributed(config_lib.base_config())
     ck = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
     saved = ck.restore_config(step)
     ck.close()
@@ -423,6 +501,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, config=None, step: int | None 
       raise ckpt_lib.CheckpointError(f"No checkpoint with a config in {workdir}/checkpoints; "
                                      "pass --config or train first.")
     config = ml_collections.ConfigDict(saved)
+    config.distributed = config_lib.base_config().distributed
   run = setup(config, workdir, restore=False)
   restored = run.ckpt.restore_state(run.state, step)
   if restored is None:
@@ -437,16 +516,25 @@ def _init_from(state, config, bert_params, state_shardings):
   """Places pretrained encoder weights (or another run's model params) into `state`."""
   init_from = config.init_from
   if init_from.startswith("run:"):
-    other = ckpt_lib.Checkpointer(pathlib.Path(init_from[4:]) / "checkpoints")
-    restored = other.restore_state(state)
-    if restored is None:
-      raise ckpt_lib.CheckpointError(f"init_from={init_from!r}: no checkpoint there.")
-    params = dict(state.params)
-    params["model"] = restored[0].params["model"]
+    other = ckpt_lib.Checkpointer(pathlib.Path(init_from[4:]) / "checkpoints",
+                                  async_save=False)
+    model_params = other.restore_model_params()
     other.close()
+    if model_params is None:
+      raise ckpt_lib.CheckpointError(f"init_from={init_from!r}: no checkpoint there.")
+    target = state.params["model"]
+    if jax.tree.structure(model_params) != jax.tree.structure(target):
+      raise ValueError(f"init_from={init_from!r}: that run's model has other parameters "
+                       "than this config's (different size, heads or task head).")
+    params = dict(state.params)
+    params["model"] = jax.device_put(model_params, state_shardings.params["model"])
     return state.replace(params=params)
   if bert_params is None:
     return state
+  if "bert" in bert_params:  # A whole task model (e.g. an extracted pruned model).
+    params = dict(state.params)
+    params["model"] = jax.device_put(bert_params, state_shardings.params["model"])
+    return state.replace(params=params)
   model_params = dict(state.params["model"])
   target = model_params["bert"]
   missing = sorted(set(_paths(target)) - set(_paths(bert_params)))

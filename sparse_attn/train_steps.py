@@ -97,10 +97,38 @@ def make_train_step(module, structure, fixed, tx, task):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["loss"] = metrics["task_loss"] + metrics["penalty"]
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
+
+
+def _density_sum(masks, gates, batch, bert_config):
+  """Per layer, the sum over real examples of the kept fraction of valid (q, k) pairs.
+
+  A dense layer counts 1, a layer without attention (or with a closed layer gate) 0.
+  Returns [num_layers] float32.
+  """
+  valid_BxL = batch["attention_mask"].astype(bool)
+  w_B = batch["weights"].astype(jnp.float32)
+  pairs_Bx1xLxL = valid_BxL[:, None, :, None] & valid_BxL[:, None, None, :]
+  length = valid_BxL.shape[1]
+  masks = fixed_lib.slice_masks(masks, length) or (None,) * bert_config.num_hidden_layers
+  out = []
+  for i, m in enumerate(masks):
+    if bert_config.layer_heads(i) == 0:
+      out.append(jnp.zeros(()))
+      continue
+    if m is None:
+      d_B = jnp.ones_like(w_B)
+    else:
+      m = jnp.asarray(m).reshape((-1, length, length))
+      kept_B = jnp.sum(m[None] & pairs_Bx1xLxL, axis=(1, 2, 3)) / m.shape[0]
+      d_B = kept_B / jnp.maximum(jnp.sum(pairs_Bx1xLxL, axis=(1, 2, 3)), 1)
+    if gates is not None and gates[i] is not None:
+      d_B = d_B * jnp.mean(jnp.asarray(gates[i], jnp.float32))  # Closed heads keep nothing.
+    out.append(jnp.sum(d_B * w_B))
+  return jnp.stack(out)
 
 
 def make_eval_step(module, task):
@@ -122,6 +150,8 @@ def make_eval_step(module, task):
     else:
       weights = batch["weights"]
     return {"predictions": _predictions(kind, logits), "labels": batch["labels"],
-            "weights": weights, "loss_sum": total, "loss_count": count}
+            "weights": weights, "loss_sum": total, "loss_count": count,
+            "density_sum": _density_sum(masks, gates, batch, module.config),
+            "examples": jnp.sum(batch["weights"])}
 
   return eval_step
