@@ -13,7 +13,13 @@ Variants (comma-separated argument):
                          evaluation.
   lam=X                  penalty weight (sweep: 1e-4 .. 1e-1, higher = sparser); switches
                          from the target-density mode to the plain penalty.
-  target=X               target element density (default 0.2).
+  target=X               target expected density of the learned mask over the full
+                         max_len x max_len matrix (default 0.05; over a short sentence's
+                         valid pairs the same band is several times denser).
+  global=G               the first G tokens ([CLS] for G=1) always attend and are attended
+                         (a fixed mask OR-ed with the learned one; default 1, 0 = off).
+  init=X                 initial logit (default 2: P(keep) = 0.88, i.e. start near the
+                         pretrained dense model; SparseBERT's pre-training used 0).
   per_layer              one mask per layer instead of one shared by all layers.
   block=B                one logit per B x B block (runs fast on block-sparse kernels).
   nodiag                 force the diagonal off (SparseBERT's diagonal finding).
@@ -54,19 +60,26 @@ def get_config(arg: str | None = None):
     s.share = "per_layer" if "per_layer" in args else "all_layers"
     s.block_size = int(args.get("block", 0))
     s.keep_diagonal = "nodiag" not in args
+    g = int(args.get("global", 0 if "official" in args else 1))
+    if g:
+      c.masks.source = "pattern"
+      c.masks.pattern = "global_tokens"
+      c.masks.kwargs = {"g": g}
+      c.masks.combine = "or"
     if "official" not in args:
+      s.init_logit = float(args.get("init", 2.0))
       if "lam" in args:
         s.penalty = "density"
         s.lam = float(args["lam"])
       else:
-        s.target_density = float(args.get("target", 0.2))
+        s.target_density = float(args.get("target", 0.05))
         s.target_mode = "abs"
         s.lam = 1.0
-        s.target_warmup_steps = 40
+        s.target_warmup_steps = 50
     c.structure = s
   # Mask logits: their own (larger) learning rate, constant, no weight decay.
   c.optimizer.groups = [
-      ("structure/.*", dict(learning_rate=float(args.get("mask_lr", 0.05)),
+      ("structure/.*", dict(learning_rate=float(args.get("mask_lr", 0.1)),
                             weight_decay=0.0, schedule="constant")),
       ("model/.*(bias|LayerNorm|scale).*", dict(weight_decay=0.0)),
   ]

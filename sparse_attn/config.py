@@ -13,7 +13,8 @@ Sections:
   masks         fixed structural masks: source "none" | "pattern" | <exported masks dir>;
                 pattern name and kwargs (sparse_attn.masks.patterns.build), layers (None =
                 all, or a list of layer indices; `start_layer` = Breaking BERT's "later
-                layers only"), remove_diagonal.
+                layers only"), remove_diagonal; combine "and" | "or": how fixed masks
+                meet learned ones (within them, or always kept in addition).
   structure     learned structure: method "none" | "dam_u" | "dam_s" | "learned_window" |
                 "prune" and that method's fields.
   optimizer     AdamW with warm-up + linear decay; parameter groups by regex (first match
@@ -47,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.masks = ml_collections.ConfigDict(dict(
       source="none", pattern="", kwargs={}, layers=None, start_layer=0,
-      remove_diagonal=False))
+      remove_diagonal=False, combine="and"))
   c.structure = ml_collections.ConfigDict(dict(method="none"))
 
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -127,20 +127,35 @@ def load_exported(path: str | pathlib.Path) -> tuple[list, dict[str, Any]]:
   return per_layer, meta
 
 
-def combine(fixed, learned):
-  """Per layer: a fixed mask AND a learned one (float learned masks are multiplied)."""
+def combine(fixed, learned, mode: str = "and"):
+  """Per layer, a fixed mask combined with a learned one.
+
+  Args:
+    fixed, learned: per-layer mask tuples (None entries = no mask) or None.
+    mode: "and" (the learned mask within the fixed one, e.g. no diagonal) or "or" (the
+      fixed links always kept in addition, e.g. global [CLS] links). Float learned masks
+      are multiplied ("and") or maxed ("or") with the fixed {0, 1} mask.
+
+  Returns:
+    A per-layer tuple, or None.
+  """
+  if mode not in ("and", "or"):
+    raise ValueError(f"masks.combine must be 'and' or 'or', got {mode!r}.")
   if fixed is None:
     return learned
   if learned is None:
     return fixed
   out = []
   for f, l in zip(fixed, learned):
-    if f is None or l is None:
-      out.append(l if f is None else f)
+    if l is None:  # Layers without a learned mask keep the fixed one (or stay dense).
+      out.append(f)
+    elif f is None:
+      out.append(l)
     elif jnp.issubdtype(jnp.asarray(l).dtype, jnp.floating):
-      out.append(l * jnp.asarray(f, l.dtype))
+      f = jnp.asarray(f, l.dtype)
+      out.append(l * f if mode == "and" else jnp.maximum(l, f))
     else:
-      out.append(jnp.logical_and(f, l))
+      out.append(jnp.logical_and(f, l) if mode == "and" else jnp.logical_or(f, l))
   return tuple(out)
 
 
@@ -159,10 +174,10 @@ def slice_masks(masks, length: int):
 
 
 def freeze(structure, fixed, structure_params, bert_config, max_len: int, *, step: int,
-           workdir: str) -> FrozenStructure:
+           workdir: str, mode: str = "and") -> FrozenStructure:
   """The deterministic structure used by evaluation, checkpoints and export."""
   learned = structure.freeze(jax.device_get(structure_params)) if structure else None
-  masks = combine(fixed, learned.masks if learned else None)
+  masks = combine(fixed, learned.masks if learned else None, mode)
   if masks is not None:
     masks = tuple(None if m is None else np.asarray(m, bool) for m in masks)
     masks = tuple(None if m is None else (m if m.ndim == 3 else m.reshape(m.shape[-3:]))

@@ -306,7 +306,8 @@ class Run:
     """The deterministic structure of `state` (masks for eval, checkpoints, export)."""
     return fixed_lib.freeze(self.structure, self.fixed, state.params["structure"],
                             self.bert_config, self.config.data.max_len,
-                            step=int(state.step), workdir=str(self.workdir))
+                            step=int(state.step), workdir=str(self.workdir),
+                            mode=self.config.masks.combine)
 
   def evaluate(self, state, eval_step=None) -> tuple[dict[str, dict], Any]:
     """Official metrics of every eval split, and the frozen structure used."""
@@ -382,7 +383,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config, ckpt, state = run.config, run.ckpt, run.state
   run.workdir.mkdir(parents=True, exist_ok=True)
   start, total_steps = int(state.step), run.total_steps
-  train_step = jax.jit(make_train_step(run.module, run.structure, run.fixed, run.tx, run.task),
+  train_step = jax.jit(make_train_step(run.module, run.structure, run.fixed, run.tx, run.task,
+                                       config.masks.combine),
                        in_shardings=(run.state_shardings, None),
                        out_shardings=(run.state_shardings, None), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(run.module, run.task))

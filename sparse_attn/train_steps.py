@@ -60,7 +60,7 @@ def _model_inputs(batch):
   return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
 
-def make_train_step(module, structure, fixed, tx, task):
+def make_train_step(module, structure, fixed, tx, task, combine: str = "and"):
   """Returns step(state, batch) -> (state, metrics); jit it with shardings.
 
   Args:
@@ -69,6 +69,7 @@ def make_train_step(module, structure, fixed, tx, task):
     fixed: the run's fixed mask pytree (tuple per layer) or None.
     tx: the optax optimizer over {"model", "structure"} params.
     task: the data Task (its `kind`).
+    combine: how fixed and learned masks combine per layer ("and" | "or").
   """
   kind = task.kind
 
@@ -81,7 +82,7 @@ def make_train_step(module, structure, fixed, tx, task):
       masks, gates, penalty, s_metrics = fixed, None, 0.0, {}
       if structure is not None:
         sample = structure.sample(params["structure"], r_struct, state.step, True)
-        masks = fixed_lib.combine(fixed, sample.masks)
+        masks = fixed_lib.combine(fixed, sample.masks, combine)
         gates, penalty, s_metrics = sample.gates, sample.penalty, sample.metrics
       logits, aux = module.apply(
           {"params": params["model"]}, *_model_inputs(batch),
