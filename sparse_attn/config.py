@@ -29,6 +29,7 @@ Sections:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Any
 
@@ -43,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   """Every top-level key with its default (fine-tune MiniLM on offline Rotten Tomatoes)."""
   c = ml_collections.ConfigDict()
   c.init_from = "minilm"
-  c.model = ml_collections.ConfigDict()
+  # Every BertConfig field, None = "from init_from's config.json, else the default", so
+  # that any field can be set from the command line (--config.model.hidden_dropout_prob=0).
+  c.model = ml_collections.ConfigDict(_model_placeholders())
   c.data = data_lib.default_config()
 
   c.masks = ml_collections.ConfigDict(dict(
@@ -105,6 +108,21 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def _model_placeholders() -> dict[str, Any]:
+  """Typed None placeholders for every BertConfig field (dtypes are given as strings)."""
+  from ml_collections.config_dict import placeholder
+  out = {}
+  for name, value in dataclasses.asdict(model_lib.BertConfig()).items():
+    if isinstance(value, (bool, int, float, str)):
+      kind = type(value)
+    elif name == "heads_per_layer":
+      kind = tuple
+    else:
+      kind = str  # dtype / param_dtype, e.g. "bfloat16".
+    out[name] = placeholder(kind)
+  return out
+
+
 _FREE_FORM = {("masks", "kwargs")}  # Sections whose keys are not fixed.
 
 
@@ -154,7 +172,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def bert_overrides(model_section: Any) -> dict[str, Any]:
   """The `model` section as BertConfig keyword arguments (dtype names resolved)."""
   import jax.numpy as jnp
-  out = dict(model_section)
+  out = {k: v for k, v in dict(model_section).items() if v is not None}
   for k in ("dtype", "param_dtype"):
     if isinstance(out.get(k), str):
       out[k] = jnp.dtype(out[k])
