@@ -63,7 +63,7 @@ def get_config(arg: str | None = None):
     g = int(args.get("global", 0 if "official" in args else 1))
     if g:
       c.masks.source = "pattern"
-      c.masks.pattern = "global_tokens"
+      c.masks.pattern = "global"
       c.masks.kwargs = {"g": g}
       c.masks.combine = "or"
     if "official" not in args:

@@ -1,0 +1,49 @@
+"""Every experiment file in configs/ and its documented variants build a valid config."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from sparse_attn import config as config_lib
+from sparse_attn import fixed_masks, learn, model
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+MINILM = model.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                          num_attention_heads=12, intermediate_size=1536)
+
+VARIANTS = {
+    "finetune.py": ["", "runlocal", "nodiag", "task=wnut16", "task=glue/mrpc",
+                    "pattern=sparsebert_bigbird", "pattern=window,kw.k=4,start=2",
+                    "pattern=bigbird,kw.window=2,kw.global_tokens=1,kw.random_keys=2,"
+                    "kw.seed=0,start=2"],
+    "dam.py": ["", "runlocal", "method=dam_u", "official", "lam=1e-3", "target=0.1",
+               "per_layer", "block=16", "nodiag", "global=0", "task=shakespeare"],
+    "prune.py": ["", "runlocal", "unit=head", "keep_ln", "prune=0.5"],
+    "window.py": ["", "runlocal", "beta=3", "soft", "start=0", "global=1"],
+}
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name[:-3], CONFIGS / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_every_config_file_is_covered():
+  assert sorted(p.name for p in CONFIGS.glob("*.py")) == sorted(VARIANTS)
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in VARIANTS.items() for a in args])
+def test_config_variant_builds(name, arg):
+  module = _load(name)
+  assert module.__doc__ and "python train.py" in module.__doc__
+  c = config_lib.validate(module.get_config(arg or None))
+  bert = MINILM
+  if c.model.get("pruned_keep_layernorm"):
+    bert = model.BertConfig(**{**MINILM.__dict__, "pruned_keep_layernorm": True})
+  fixed_masks.build(c.masks, bert, c.data.max_len)
+  learn.build(c.structure, bert, c.data.max_len)
+  if "runlocal" in arg:
+    assert c.train.num_steps <= 10 and c.data.max_train_examples <= 128
