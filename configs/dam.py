@@ -24,6 +24,7 @@ Variants (comma-separated argument):
   block=B                one logit per B x B block (runs fast on block-sparse kernels).
   nodiag                 force the diagonal off (SparseBERT's diagonal finding).
   task=shakespeare       DAM during masked-LM training on the offline Shakespeare text.
+  steps=N                training steps (default 100).
   masks=DIR              fine-tune with fixed masks exported by a previous run (second
                          phase of the SparseBERT recipe: search, then train frozen).
   runlocal               a smoke test in seconds.
@@ -41,7 +42,7 @@ def get_config(arg: str | None = None):
   c.data.buckets = [32, 64]
   c.optimizer.learning_rate = 1e-4
   c.train.batch_size = 32
-  c.train.num_steps = 100
+  c.train.num_steps = int(args.get("steps", 100))
   c.train.eval_batch_size = 128
   c.train.log_every = 10
   c.checkpoint.every_steps = 50
