@@ -36,16 +36,8 @@ from sparse_attn.learn import dam
 
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg)
-  c = config_lib.base_config()
+  c = config_lib.minilm_finetune(args)
   c.data.task = args.get("task", "rotten_tomatoes")
-  c.data.max_len = 64
-  c.data.buckets = [32, 64]
-  c.optimizer.learning_rate = 1e-4
-  c.train.batch_size = 32
-  c.train.num_steps = int(args.get("steps", 100))
-  c.train.eval_batch_size = 128
-  c.train.log_every = 10
-  c.checkpoint.every_steps = 50
   if c.data.task == "shakespeare":
     c.init_from = "minilm"
     c.data.max_len = 128
@@ -79,11 +71,7 @@ def get_config(arg: str | None = None):
         s.target_warmup_steps = 50
     c.structure = s
   # Mask logits: their own (larger) learning rate, constant, no weight decay.
-  c.optimizer.groups = [
-      ("structure/.*", dict(learning_rate=float(args.get("mask_lr", 0.1)),
-                            weight_decay=0.0, schedule="constant")),
-      ("model/.*(bias|LayerNorm|scale).*", dict(weight_decay=0.0)),
-  ]
+  c.optimizer.groups = config_lib.structure_groups(float(args.get("mask_lr", 0.1)))
   if "runlocal" in args:
     config_lib.apply_runlocal(c)
     if "structure" in c and c.structure.get("target_warmup_steps"):

@@ -18,21 +18,11 @@ from sparse_attn import config as config_lib
 
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg)
-  c = config_lib.base_config()
+  c = config_lib.minilm_finetune(args)
   task = args.get("task", "rotten_tomatoes")
   if task.startswith("glue/") or task in ("imdb_reviews", "conll2003"):
     c.data.source = "tfds"
   c.data.task = task
-  c.data.max_len = 64
-  c.data.buckets = [32, 64]
-  c.optimizer.learning_rate = 1e-4
-  c.optimizer.warmup_fraction = 0.1
-  c.train.batch_size = 32
-  c.train.num_epochs = 1.0
-  c.train.num_steps = 100
-  c.train.eval_batch_size = 128
-  c.train.log_every = 10
-  c.checkpoint.every_steps = 50
   if "nodiag" in args:  # SparseBERT: remove the diagonal of every layer's attention.
     c.masks.remove_diagonal = True
   if "pattern" in args:  # A fixed pattern on every layer, e.g. pattern=sparsebert_star.

@@ -21,19 +21,10 @@ from sparse_attn.learn import prune
 
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg)
-  c = config_lib.base_config()
-  c.data.max_len = 64
-  c.data.buckets = [32, 64]
-  c.optimizer.learning_rate = 1e-4
-  c.train.batch_size = 32
-  c.train.num_steps = 100
-  c.train.eval_batch_size = 128
-  c.train.log_every = 10
-  c.checkpoint.every_steps = 50
+  c = config_lib.minilm_finetune(args)
   c.model.pruned_keep_layernorm = "keep_ln" in args
   if "retune" in args:  # Phase two: the extracted smaller model, structure frozen.
     c.init_from = "pruned:" + args["retune"]
-    c.train.num_steps = int(args.get("steps", 100))
   else:
     s = prune.default_config()
     s.method = "prune"
@@ -41,11 +32,7 @@ def get_config(arg: str | None = None):
     s.prune_fraction = float(args.get("prune", 0.67))
     s.beta = float(args.get("beta", 2.0))
     c.structure = s
-  c.optimizer.groups = [
-      ("structure/.*", dict(learning_rate=float(args.get("gate_lr", 0.1)),
-                            weight_decay=0.0, schedule="constant")),
-      ("model/.*(bias|LayerNorm|scale).*", dict(weight_decay=0.0)),
-  ]
+  c.optimizer.groups = config_lib.structure_groups(float(args.get("gate_lr", 0.1)))
   if "runlocal" in args:
     config_lib.apply_runlocal(c)
   return c

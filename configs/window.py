@@ -19,15 +19,7 @@ from sparse_attn.learn import window
 
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg)
-  c = config_lib.base_config()
-  c.data.max_len = 64
-  c.data.buckets = [32, 64]
-  c.optimizer.learning_rate = 1e-4
-  c.train.batch_size = 32
-  c.train.num_steps = 100
-  c.train.eval_batch_size = 128
-  c.train.log_every = 10
-  c.checkpoint.every_steps = 50
+  c = config_lib.minilm_finetune(args)
   s = window.default_config()
   s.method = "learned_window"
   s.relaxation = "soft_window" if "soft" in args else "gumbel_softmax"
@@ -37,11 +29,7 @@ def get_config(arg: str | None = None):
   s.beta = float(args.get("beta", 1.0))
   s.global_tokens = int(args.get("global", 0))
   c.structure = s
-  c.optimizer.groups = [
-      ("structure/.*", dict(learning_rate=float(args.get("mask_lr", 0.05)),
-                            weight_decay=0.0, schedule="constant")),
-      ("model/.*(bias|LayerNorm|scale).*", dict(weight_decay=0.0)),
-  ]
+  c.optimizer.groups = config_lib.structure_groups(float(args.get("mask_lr", 0.05)))
   if "runlocal" in args:
     config_lib.apply_runlocal(c)
   return c
