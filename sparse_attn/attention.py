@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -106,16 +107,23 @@ def dense_attention(q_BxQxHxD: Array, k_BxKxHxD: Array, v_BxKxHxD: Array, *,
     [B, Q, H, D] attention output, in the dtype of `v`.
   """
   depth = q_BxQxHxD.shape[-1]
-  q_BxQxHxD = q_BxQxHxD / jnp.sqrt(depth).astype(q_BxQxHxD.dtype)
-  s_BxHxQxK = jnp.einsum("bqhd,bkhd->bhqk", q_BxQxHxD, k_BxKxHxD,
-                         precision=precision).astype(jnp.float32)
+  # Head-major operands make both einsums plain batched matmuls (no hidden transposes
+  # of the [B, H, Q, K] tensors on CPU).
+  q_BxHxQxD = jnp.transpose(q_BxQxHxD, (0, 2, 1, 3)) * jnp.asarray(
+      1.0 / np.sqrt(depth), q_BxQxHxD.dtype)
+  k_BxHxKxD = jnp.transpose(k_BxKxHxD, (0, 2, 1, 3))
+  v_BxHxKxD = jnp.transpose(v_BxKxHxD, (0, 2, 1, 3))
+  s_BxHxQxK = jnp.einsum("bhqd,bhkd->bhqk", q_BxHxQxD, k_BxHxKxD, precision=precision,
+                         preferred_element_type=jnp.float32)
   if bias is not None:
     s_BxHxQxK = s_BxHxQxK + bias.astype(jnp.float32)
+  neg = jnp.finfo(jnp.float32).min
   if keep is not None:
-    s_BxHxQxK = jnp.where(keep, s_BxHxQxK, jnp.finfo(jnp.float32).min)
+    s_BxHxQxK = jnp.where(keep, s_BxHxQxK, neg)
   # Subtracting a per-row shift m is numerically exact; its gradient cancels.
   m_BxHxQx1 = jnp.max(s_BxHxQxK, axis=-1, keepdims=True)
   if scale is None:
+    # Masked entries give exp(min - max) = 0 exactly, unless the whole row is masked.
     p_BxHxQxK = jnp.exp(s_BxHxQxK - jax.lax.stop_gradient(m_BxHxQx1))
   else:
     # Shift by the largest *weighted* term max(s + log M) so the row sum is >= 1 (no
@@ -124,20 +132,22 @@ def dense_attention(q_BxQxHxD: Array, k_BxKxHxD: Array, v_BxKxHxD: Array, *,
     # M >= 1e-13; 10 where M = 0, which only bounds the "what if kept" gradient).
     logm = jnp.where(scale > 0, jnp.log(jnp.where(scale > 0, scale, 1.0)), -jnp.inf)
     mw_BxHxQx1 = jnp.max(s_BxHxQxK + logm, axis=-1, keepdims=True)
-    m_BxHxQx1 = jax.lax.stop_gradient(
+    shift_BxHxQx1 = jax.lax.stop_gradient(
         jnp.where(jnp.isfinite(mw_BxHxQx1), mw_BxHxQx1, m_BxHxQx1))
-    t_BxHxQxK = jnp.minimum(s_BxHxQxK - m_BxHxQx1, jnp.where(scale > 0, 30.0, 10.0))
+    t_BxHxQxK = jnp.minimum(s_BxHxQxK - shift_BxHxQx1, jnp.where(scale > 0, 30.0, 10.0))
     p_BxHxQxK = jnp.exp(t_BxHxQxK) * scale
-  if keep is not None:
-    # A fully masked row has every score at the same finite minimum, so exp gives 1s;
-    # zeroing them here makes the row sum 0 and the row output exactly 0.
-    p_BxHxQxK = jnp.where(keep, p_BxHxQxK, 0.0)
   z_BxHxQx1 = jnp.sum(p_BxHxQxK, axis=-1, keepdims=True)
-  w_BxHxQxK = p_BxHxQxK / jnp.where(z_BxHxQx1 > 0, z_BxHxQx1, 1.0)
-  if dropout_fn is not None:
-    w_BxHxQxK = dropout_fn(w_BxHxQxK)
-  w_BxHxQxK = w_BxHxQxK.astype(v_BxKxHxD.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", w_BxHxQxK, v_BxKxHxD, precision=precision)
+  if dropout_fn is not None:  # Dropout is linear in the weights: apply before 1 / z.
+    p_BxHxQxK = dropout_fn(p_BxHxQxK)
+  # Normalising the [B, H, Q, D] output instead of the [B, H, Q, K] weights saves a pass.
+  o_BxHxQxD = jnp.einsum("bhqk,bhkd->bhqd", p_BxHxQxK.astype(v_BxKxHxD.dtype), v_BxHxKxD,
+                         precision=precision, preferred_element_type=jnp.float32)
+  o_BxHxQxD = o_BxHxQxD / jnp.where(z_BxHxQx1 > 0, z_BxHxQx1, 1.0)
+  if keep is not None:
+    # A fully masked row has every score at the same finite minimum (max = min): its
+    # output is exactly 0, and so is its gradient.
+    o_BxHxQxD = jnp.where(m_BxHxQx1 > 0.5 * neg, o_BxHxQxD, 0.0)
+  return jnp.transpose(o_BxHxQxD, (0, 2, 1, 3)).astype(v_BxKxHxD.dtype)
 
 
 def dot_product_attention(

@@ -1,0 +1,55 @@
+"""bench.py runs end to end on tiny shapes and writes its JSON / Markdown / PNG."""
+
+import json
+
+import pytest
+
+from sparse_attn import bench
+from sparse_attn import model as model_lib
+
+
+def _check_outputs(out):
+  res = json.loads((out / "results.json").read_text())
+  assert (out / "results.md").read_text().startswith("# sparse_attn benchmark")
+  assert (out / "speedup.png").read_bytes()[:4] == b"\x89PNG"
+  assert res["matmul_peak_flops"] > 0
+  return res
+
+
+def test_quick_attention_section(tmp_path):
+  bench.main(["--out", str(tmp_path), "--quick", "--only", "attention"])
+  res = _check_outputs(tmp_path)
+  row = res["attention"][0]
+  for key in ("rho_elem", "rho_block", "speedup_fwd", "speedup_fwdbwd", "of_ideal_fwd",
+              "of_ideal_fwdbwd"):
+    assert row[key] > 0
+  assert row["of_ideal_fwd"] == pytest.approx(row["speedup_fwd"] * row["rho_block"])
+  assert set(row["times"]) == {f"{v}/{m}" for v in ("dense", "masked", "blocksparse")
+                               for m in ("fwd", "fwdbwd")}
+
+
+@pytest.mark.slow
+def test_quick_all_sections(tmp_path):
+  """(slow: compiles ~20 tiny train and inference steps.)"""
+  bench.main(["--out", str(tmp_path), "--quick", "--only", "attention,long,pruned"])
+  res = _check_outputs(tmp_path)
+  long = res["long_model"]
+  for mode in ("infer", "train"):
+    assert 0 <= long[mode]["attention_share_noop"] <= 1
+    assert long[mode]["amdahl_bound"] >= 1
+  pruned = res["pruned"][0]
+  assert pruned["infer"]["flop_ratio_bound"] > 1
+  assert "Attention sublayers removed" in (tmp_path / "results.md").read_text()
+
+
+def test_model_flops_by_hand():
+  cfg = model_lib.BertConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=16)
+  b, length = 3, 5
+  per_layer = 2 * b * length * 4 * 8 * 8 + 4 * b * length ** 2 * 8 + 2 * b * length * 2 * 8 * 16
+  assert bench.model_flops(cfg, b, length) == pytest.approx(2 * per_layer + 2 * b * 64)
+  half = bench.model_flops(cfg, b, length, rho=0.5)
+  assert half == pytest.approx(2 * (per_layer - 2 * b * length ** 2 * 8) + 2 * b * 64)
+  pruned = model_lib.BertConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=16, heads_per_layer=(2, 0))
+  assert bench.model_flops(pruned, b, length) < bench.model_flops(cfg, b, length)
