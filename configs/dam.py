@@ -41,7 +41,7 @@ def get_config(arg: str | None = None):
   if c.data.task == "shakespeare":
     c.init_from = "minilm"
     c.data.max_len = 128
-    c.data.buckets = []
+    c.data.buckets = ()
     c.optimizer.learning_rate = 5e-5
 
   if "masks" in args:  # Phase two: the learned mask, frozen.

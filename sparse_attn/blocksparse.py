@@ -349,7 +349,7 @@ def _to_blocks(x_BxLxHxD: Array, nb: int, b: int) -> Array:
 def attend(plan: Plan, query: Array, key: Array, value: Array, *,
            gmasks: tuple[Array | None, ...] | None = None, key_valid: Array | None = None,
            dropout_rng: Array | None = None, dropout_rate: float = 0.0,
-           head_loop: bool | None = None) -> Array:
+           head_loop: bool | None = None, heads_per_step: int = 2) -> Array:
   """Block-sparse attention over a plan's tiles.
 
   Args:
@@ -358,8 +358,10 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
     gmasks: the plan's group masks as device arrays (default: taken from the plan).
     key_valid: [B, K] bool, False for padding keys (never attended).
     dropout_rng, dropout_rate: attention-weight dropout (training).
-    head_loop: process one head at a time (a `lax.map`), which keeps each head's
-      rho-sized scores in cache; default: when the layout is shared by the batch.
+    head_loop: process heads in a `lax.map` loop, which keeps each head's rho-sized
+      scores in cache; default: when the layout is shared by the batch.
+    heads_per_step: heads per loop step (independent ops that XLA can run on
+      different cores); 1 if it does not divide H.
 
   Returns:
     [B, Q, H, D] attention output in the dtype of `query`.
@@ -413,7 +415,17 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
       rh = None if rng is None else jax.random.fold_in(rng, hi)
       return _attend(plan, rate, qh, kh, vh, gm_h, gi_h, kvalid, rh)[:, 0]
 
-    o = jnp.moveaxis(jax.lax.map(one_head, xs), 0, 1)     # [B, H, NQ, b, D]
+    # Several heads per loop step as independent ops, which XLA runs concurrently.
+    hp = heads_per_step if heads_per_step > 0 and h % heads_per_step == 0 else 1
+    group = lambda x: x.reshape((h // hp, hp) + x.shape[1:])
+    xs = jax.tree_util.tree_map(group, xs)
+
+    def step(x):
+      return jnp.stack([one_head(jax.tree_util.tree_map(lambda a, j=j: a[j], x))
+                        for j in range(hp)])
+
+    o = jax.lax.map(step, xs)                              # [H / hp, hp, B, NQ, b, D]
+    o = jnp.moveaxis(o.reshape((h,) + o.shape[2:]), 0, 1)  # [B, H, NQ, b, D]
   else:
     o = _attend(plan, rate, q, k, v, gmasks, gidx, kvalid, rng)
   o = jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(bsz, nq * b, h, depth)
@@ -564,7 +576,8 @@ class BlockSparseMask:
 def _blocksparse_backend(q, k, v, *, keep, scale, bias, dropout_fn, precision):
   """'blocksparse' for plain arrays: dense layers (mask None) run the dense reference;
   array masks must be made static first."""
-  if keep is not None and keep.shape[-1] != 1 and keep.shape[-2] != 1 or scale is not None:
+  structural = keep is not None and keep.shape[-2] != 1  # Not just key padding [B,1,1,K].
+  if structural or scale is not None:
     raise ValueError(
         "backend='blocksparse' executes static layouts: wrap the bool mask with "
         "`blocksparse.BlockSparseMask.from_mask(mask, block_size)` (or accel.prepare) "

@@ -340,7 +340,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                for s in config.train.eval_splits}
   bert_config, module, init_params = build_model(config, task)
   max_len = config.data.max_len
-  structure = learn.build(config.structure, bert_config, max_len)
+  structure = learn.build(config.structure, bert_config, max_len, lengths=train_ds.lengths)
   fixed = fixed_lib.build(config.masks, bert_config, max_len)
 
   batch_size = config.train.batch_size

@@ -25,7 +25,7 @@ def test_validate_completes_structure_and_partial_data_sections():
   out = config_lib.validate(c)
   assert out.structure.lam == 1e-3  # Given value kept...
   assert out.structure.temperature == 1.0  # ...the method's defaults filled in.
-  assert out.data.max_len == 32 and out.data.seed == 0 and out.data.buckets == [32, 64]
+  assert out.data.max_len == 32 and out.data.seed == 0 and tuple(out.data.buckets) == (32, 64)
 
 
 @pytest.mark.parametrize("key,value,suggest", [

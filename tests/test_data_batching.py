@@ -14,7 +14,7 @@ from sparse_attn.data.text import Encoded, SpecialIds
 SPECIAL = SpecialIds(pad=0, cls=101, sep=102, mask=103, unk=100, all=(0, 100, 101, 102, 103))
 
 
-def make_ds(lengths, kind="classification", buckets=(4, 8), max_len=16, seed=0):
+def make_ds(lengths, kind="classification", buckets=(4, 8), max_len=16, seed=0, grouping=0):
   """Example i has len lengths[i]: [CLS] 1000+10i, 1000+10i+1, ... [SEP]."""
   rows = [[101, *range(1000 + 10 * i, 1000 + 10 * i + n - 2), 102]
           for i, n in enumerate(lengths)]
@@ -30,7 +30,7 @@ def make_ds(lengths, kind="classification", buckets=(4, 8), max_len=16, seed=0):
   labels = None if kind in ("token_classification", "mlm") else (
       np.arange(len(lengths)) % 2).astype(np.float32 if kind == "regression" else np.int32)
   return data.Dataset(task, "train", enc, labels, max_len=max_len, buckets=buckets,
-                      seed=seed, special=SPECIAL, vocab_size=2000)
+                      seed=seed, special=SPECIAL, vocab_size=2000, length_grouping=grouping)
 
 
 def example_of(batch):
@@ -159,3 +159,38 @@ def test_bad_batch_arguments_raise_clear_errors():
     next(ds.batches(4, process_index=2, process_count=2))
   with pytest.raises(ValueError, match="batch_size"):
     next(ds.batches(0))
+
+
+def test_length_grouping_sees_every_example_once_in_batches_of_similar_length():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(3, 17, size=103)
+  plain = make_ds(lengths, buckets=(4, 8, 12))
+  grouped = make_ds(lengths, buckets=(4, 8, 12), grouping=4)
+  per_epoch = len(lengths) // 8
+  rows_p = [example_of(b) for b in take(plain.batches(8), per_epoch)]
+  rows_g = [example_of(b) for b in take(grouped.batches(8), per_epoch)]
+  seen = np.concatenate(rows_g)
+  assert len(set(seen.tolist())) == len(seen) == per_epoch * 8  # Once each per epoch.
+  spread = lambda rows: np.mean([np.ptp(lengths[r]) for r in rows])
+  assert spread(rows_g) < 0.5 * spread(rows_p)  # Similar lengths within a batch...
+  width = lambda ds: np.mean([b["input_ids"].shape[1] for b in take(ds.batches(8), per_epoch)])
+  assert width(grouped) < width(plain)  # ...so less padding.
+  # Pure function of (seed, step): resuming mid-epoch and in the next epoch agrees.
+  again = make_ds(lengths, buckets=(4, 8, 12), grouping=4)
+  for start in (5, per_epoch + 2):
+    assert_batches_equal(next(again.batches(8, start_step=start)),
+                         take(grouped.batches(8), start + 1)[-1])
+  # Each epoch has its own order.
+  second = [example_of(b) for b in take(grouped.batches(8, start_step=per_epoch), per_epoch)]
+  assert not all(np.array_equal(a, b) for a, b in zip(rows_g, second))
+
+
+def test_length_grouping_evaluates_in_length_order_and_keeps_every_row():
+  lengths = np.array([9, 3, 14, 5, 3, 12, 7])
+  ds = make_ds(lengths, buckets=(4, 8, 12), grouping=2)
+  got = [example_of(b) for b in ds.batches(3, shuffle=False, drop_remainder=False)]
+  order = np.concatenate(got)
+  assert sorted(order[order >= 0].tolist()) == list(range(len(lengths)))
+  assert list(lengths[order[order >= 0]]) == sorted(lengths)
+  with pytest.raises(ValueError, match="length_grouping"):
+    make_ds(lengths, grouping=-1)

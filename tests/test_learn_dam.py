@@ -17,10 +17,10 @@ TINY = model_lib.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=4, intermediate_size=64)
 
 
-def _build(n=12, bert_config=TINY, **overrides):
+def _build(n=12, bert_config=TINY, lengths=None, **overrides):
   cfg = {"method": "dam_s", **overrides}
   factory = dam.dam_s if cfg["method"] == "dam_s" else dam.dam_u
-  return factory(cfg, bert_config, n)
+  return factory(cfg, bert_config, n, lengths=lengths)
 
 
 def _sample(st, params, key, step, train):
@@ -240,6 +240,35 @@ def test_topk_hits_the_target_density():
   st_s = _build(n=n, init_std=1.0, target_density=t, eval_rule="topk")
   m_s = st_s.freeze(st_s.init(jax.random.key(0))).masks[0]
   assert abs(m_s.sum() - t * m_s.size) <= n / 2
+
+
+def _valid_pair_density(mask_HxNxN, lengths):
+  """Density of a mask over the valid pairs of examples of these lengths (a loop)."""
+  kept = sum(mask_HxNxN[:, :m, :m].sum() for m in lengths)
+  return kept / (mask_HxNxN.shape[0] * sum(m * m for m in lengths))
+
+
+@pytest.mark.parametrize("method", ["dam_s", "dam_u"])
+def test_density_over_data_counts_the_datas_valid_pairs(method):
+  n, t = 16, 0.3
+  lengths = np.array([3, 5, 5, 8, 11, 16, 20])  # 20 > n counts as n.
+  st = _build(n=n, method=method, init_std=1.0, target_density=t, eval_rule="topk",
+              density_over="data", lengths=lengths)
+  params = st.init(jax.random.key(0))
+  mask = st.freeze(params).masks[0]
+  got = _valid_pair_density(mask, np.minimum(lengths, n))
+  # Top-k is exact up to one logit's share of the pairs (an offset's, for dam_s).
+  assert abs(got - t) < (0.01 if method == "dam_u" else 0.08), got
+  assert abs(mask.mean() - t) > abs(got - t)  # The matrix density is something else.
+  # The logged expected density is the valid-pair one.
+  s = _sample(st, params, jax.random.key(1), 0, True)
+  p = dam.expand_toeplitz(jax.nn.sigmoid(params["logits"]["shared"]), n) if method == "dam_s" \
+      else dam.expand_unstructured(jax.nn.sigmoid(params["logits"]["shared"]), n)
+  np.testing.assert_allclose(s.metrics["dam/expected_density"],
+                             _valid_pair_density(np.asarray(p), np.minimum(lengths, n)),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="lengths=dataset.lengths"):
+    _build(n=n, density_over="data")
 
 
 def test_freeze_metadata_is_json_and_matches_masks():

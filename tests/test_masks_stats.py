@@ -184,3 +184,14 @@ def test_connectivity_errors():
     stats.is_connected(np.ones((2, 1, 4, 4), bool))
   with pytest.raises(ValueError, match="positive number"):
     stats.is_connected([np.ones((3, 3), bool)], s=0)
+
+
+def test_pair_weights_is_the_share_of_valid_pairs_at_each_position():
+  n, lengths = 6, np.array([2, 4, 4, 9])  # 9 > n counts as n.
+  expect = np.zeros((n, n))
+  for m in np.minimum(lengths, n):
+    expect[:m, :m] += 1
+  expect /= expect.sum()
+  np.testing.assert_allclose(stats.pair_weights(lengths, n), expect)
+  with pytest.raises(ValueError, match="at least one example"):
+    stats.pair_weights(np.array([], np.int64), n)

@@ -8,6 +8,11 @@ so all processes agree on the padded length without talking to each other.
 
 Each batch is padded to the smallest length bucket that fits its longest row (max_len is
 the last bucket), which keeps the number of distinct shapes, and so of compilations, small.
+With ``length_grouping=G`` (the bucketing of fairseq and Hugging Face's group_by_length),
+an epoch's permutation is cut into pools of G batches, each pool is sorted by length and
+split into batches, and the batches are shuffled: a batch holds examples of similar
+length and pads to a short bucket, while every example is still seen once per epoch in
+an order that is a pure function of (seed, epoch). Evaluation then runs in length order.
 Batches that are not full (the end of an evaluation pass) are filled with rows of weight 0
 holding just [CLS] [SEP], so every batch has the same number of rows.
 
@@ -29,6 +34,7 @@ from sparse_attn.data.tasks import Task
 from sparse_attn.data.text import Encoded, SpecialIds
 
 _SHUFFLE_TAG = 0  # Seed-sequence tag of the epoch permutations (masking uses 1).
+_GROUP_TAG = 2  # Seed-sequence tag of the batch order under length grouping.
 
 
 def bucket_lengths(buckets: Sequence[int], max_len: int) -> tuple[int, ...]:
@@ -42,6 +48,36 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.argsort(keys, kind="stable")
 
 
+def grouped_epoch_order(lengths: np.ndarray, batch_size: int, group: int, seed: int,
+                        epoch: int) -> np.ndarray:
+  """[N] one epoch's example order with batches of similar length.
+
+  The epoch permutation's first S * B examples (S = N // B full batches) are cut into
+  pools of ``group`` batches; each pool is stably sorted by length and split into
+  batches, and the S batches are then put in a random order. The N - S * B examples
+  left over come last (the partial batch, when it is not dropped).
+
+  Args:
+    lengths: [N] tokens per example.
+    batch_size: B.
+    group: G >= 1, batches per sorted pool.
+    seed, epoch: the order is a pure function of them.
+
+  Returns:
+    Example indices; batch s is entries [s * B, (s + 1) * B).
+  """
+  if group < 1:
+    raise ValueError(f"length_grouping must be >= 1 batches per pool, got {group}.")
+  steps = len(lengths) // batch_size
+  perm, rest = np.split(epoch_permutation(len(lengths), seed, epoch), [steps * batch_size])
+  pool = group * batch_size
+  chunks = [perm[i:i + pool] for i in range(0, len(perm), pool)]
+  chunks = [c[np.argsort(lengths[c], kind="stable")] for c in chunks]
+  batches = np.concatenate(chunks).reshape(steps, batch_size)
+  keys = mlm.uniform((seed, _GROUP_TAG, epoch), steps)
+  return np.concatenate([batches[np.argsort(keys, kind="stable")].reshape(-1), rest])
+
+
 class Dataset:
   """The tokenised examples of one split, and the batches made from them.
 
@@ -52,18 +88,23 @@ class Dataset:
     labels: [N] int32 / float32 sequence labels, or None (token tasks, mlm).
     max_len, buckets: padded lengths (``bucket_lengths``).
     seed: default seed of ``batches``.
+    length_grouping: batches per length-sorted pool in training (0 = plain random
+      batches); when > 0, evaluation passes run in length order.
   """
 
   def __init__(self, task: Task, split: str, encoded: Encoded, labels: np.ndarray | None,
                *, max_len: int, buckets: Sequence[int], seed: int, special: SpecialIds,
                vocab_size: int, mlm_probability: float = 0.15,
-               max_predictions_per_seq: int = 20):
+               max_predictions_per_seq: int = 20, length_grouping: int = 0):
     self.task, self.split, self.encoded, self.labels = task, split, encoded, labels
     self.max_len, self.buckets = max_len, bucket_lengths(buckets, max_len)
     self.seed, self.special, self.vocab_size = seed, special, vocab_size
     self.mlm_probability, self.max_predictions_per_seq = mlm_probability, max_predictions_per_seq
     self.lengths = encoded.lengths
-    self._order = (None, None)  # ((seed, epoch), permutation) of the last epoch used.
+    if length_grouping < 0:
+      raise ValueError(f"length_grouping must be >= 0 (0 = off), got {length_grouping}.")
+    self.length_grouping = int(length_grouping)
+    self._order = (None, None)  # ((seed, epoch, B), order) of the last epoch used.
 
   def __len__(self) -> int:
     return len(self.encoded)
@@ -100,9 +141,13 @@ class Dataset:
     if shuffle:
       epoch, pos = divmod(step, per_epoch)
       key = (self.seed if seed is None else seed, epoch)
-      if self._order[0] != key:  # One permutation per epoch, cached.
-        self._order = (key, epoch_permutation(len(self), *key))
+      if self._order[0] != key + (batch_size,):  # One order per epoch, cached.
+        self._order = (key + (batch_size,),
+                       grouped_epoch_order(self.lengths, batch_size, self.length_grouping, *key)
+                       if self.length_grouping else epoch_permutation(len(self), *key))
       order = self._order[1]
+    elif self.length_grouping:  # Evaluation in length order: short batches pad less.
+      pos, order = step, np.argsort(self.lengths, kind="stable")
     else:
       pos, order = step, np.arange(len(self))
     idx = order[pos * batch_size:(pos + 1) * batch_size]

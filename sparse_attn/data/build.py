@@ -136,4 +136,5 @@ def build_dataset(config, split: str, tokenizer: tokenizers.Tokenizer | None = N
   return Dataset(task, split, encoded, labels, max_len=c.max_len, buckets=list(c.buckets),
                  seed=c.seed, special=text.special_ids(tok), vocab_size=tok.get_vocab_size(),
                  mlm_probability=c.mlm_probability,
-                 max_predictions_per_seq=c.max_predictions_per_seq)
+                 max_predictions_per_seq=c.max_predictions_per_seq,
+                 length_grouping=c.length_grouping)

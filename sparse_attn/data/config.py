@@ -23,9 +23,14 @@ Keys (defaults in brackets):
                          uncased) tokenizer from the offline asset cache.
   max_len [128]          longest sequence in tokens, [CLS]/[SEP] included; longer inputs are
                          truncated (pairs: longest first). MLM packs text into rows of max_len.
-  buckets [32, 64]       padded lengths: each batch is padded to the smallest bucket that fits
+  buckets (32, 64)       padded lengths: each batch is padded to the smallest bucket that fits
                          its longest row; max_len is always the last bucket, and buckets
-                         >= max_len are ignored. [] pads every batch to max_len.
+                         >= max_len are ignored. () pads every batch to max_len; override
+                         from the command line as --config.data.buckets="(16,32)".
+  length_grouping [0]    training batches come from length-sorted pools of this many
+                         batches (then shuffled), so each pads to a short bucket; evaluation
+                         runs in length order. 0 = plain random batches, file-order eval.
+                         Pair it with several buckets, e.g. [16, 32, 48].
   seed [0]               seed of the training order and of MLM masking. A batch is a pure
                          function of (seed, step).
   splits.{train,validation,test} [""]   source split to read for each split; "" = the
@@ -65,7 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.kind = "classification"
   c.tokenizer = ""
   c.max_len = 128
-  c.buckets = [32, 64]
+  c.buckets = (32, 64)
+  c.length_grouping = 0
   c.seed = 0
   c.splits = ml_collections.ConfigDict(dict(train="", validation="", test=""))
   c.max_train_examples = 0

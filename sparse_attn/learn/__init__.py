@@ -65,7 +65,7 @@ class Structure:
   freeze: Callable[[Any], Frozen]
 
 
-# name -> factory(structure_config, bert_config, seq_len) -> Structure. Each method
+# name -> factory(structure_config, bert_config, seq_len, lengths=None) -> Structure. Each method
 # module registers itself here; see `build`.
 METHODS: dict[str, Callable[..., Structure]] = {}
 
@@ -78,7 +78,8 @@ def register(name: str):
   return wrap
 
 
-def build(structure_config, bert_config, seq_len: int) -> Structure | None:
+def build(structure_config, bert_config, seq_len: int,
+          lengths=None) -> Structure | None:
   """Builds the configured method, or None when `structure_config.method` is "none".
 
   Args:
@@ -86,6 +87,8 @@ def build(structure_config, bert_config, seq_len: int) -> Structure | None:
       of `METHODS`; the other fields are the method's own).
     bert_config: the model's BertConfig (layers, heads).
     seq_len: maximum sequence length of the run (mask size n).
+    lengths: [E] token counts of the training examples, or None. Methods that measure
+      density over the data's valid pairs (DAM's `density_over="data"`) need it.
   """
   method = structure_config.get("method", "none")
   if method in (None, "none"):
@@ -94,7 +97,7 @@ def build(structure_config, bert_config, seq_len: int) -> Structure | None:
   if method not in METHODS:
     raise ValueError(f"Unknown structure method {method!r}; known: "
                      f"{sorted(METHODS) + ['none']}.")
-  return METHODS[method](structure_config, bert_config, seq_len)
+  return METHODS[method](structure_config, bert_config, seq_len, lengths=lengths)
 
 
 def default_config(method: str):

@@ -34,6 +34,12 @@ Conventions of this module:
     An optimizer that descends the loss therefore ascends the multipliers (dual ascent).
     Under Adam the multipliers make the density circle the target; keep their learning
     rate small and use a warm-up (see tests/test_learn_dam.py for a working toy setting).
+  * density_over="data" measures every density (target, "density" penalty, top-k, the
+    logged dam/density) over the training data's valid (query, key) pairs instead of the
+    full n x n matrix: position (i, j) weighs the share of the data's pairs that sit there
+    (`masks.stats.pair_weights` of the example lengths), so target_density=0.25 asks for
+    75% sparsity as evaluation measures it. With short sentences in a long max_len, the
+    matrix density of a band is several times lower than its valid-pair density.
   * Evaluation (train=False) is deterministic unless stochastic_eval: "threshold" keeps
     sigmoid(alpha) > 0.5; "topk" keeps the highest logits until each instance's element
     density is closest to target_density (exact up to one logit's element count: 1 for
@@ -73,6 +79,7 @@ _CHOICES = {
     "penalty": ("l1_sum", "density"),
     "target_mode": ("lagrangian", "abs"),
     "eval_rule": ("threshold", "topk"),
+    "density_over": ("matrix", "data"),
 }
 _BOOLS = ("per_head", "symmetric", "asymmetric", "stochastic_eval", "keep_diagonal")
 
@@ -101,6 +108,7 @@ def default_config() -> ml_collections.ConfigDict:
       target_mode="lagrangian",  # Or "abs": lam * |expected density - target|.
       target_warmup_steps=0,   # Move the target from the init density to it over W steps.
       eval_rule="threshold",   # sigmoid(alpha) > 0.5 | "topk" (needs target_density).
+      density_over="matrix",   # Densities over the n x n matrix | "data": valid pairs.
       stochastic_eval=False,   # True = the code's noisy masks at evaluation.
       keep_diagonal=True,      # False forces M_ii = 0.
   ))
@@ -398,13 +406,11 @@ class _Instance:
   index: np.ndarray          # [N, N] into the P logits of a head.
   eligible: np.ndarray       # [N, N] float32: 0 where the diagonal is forced off.
   weights: np.ndarray        # [P] eligible entries per logit.
-
-  @property
-  def total(self) -> float:  # Entries of the expanded H x N x N mask.
-    return float(self.heads * self.index.size)
+  pair_weights: np.ndarray   # [P] share of the counted pairs per logit (density_over).
+  pair_total: float          # H * (pairs counted): densities are sums / pair_total.
 
 
-def _instances(c, bert_config, n: int) -> list[_Instance]:
+def _instances(c, bert_config, n: int, lengths: Any) -> list[_Instance]:
   nl = bert_config.num_hidden_layers
   layers = c.layers if c.layers is not None else [
       i for i in range(nl) if bert_config.layer_heads(i) > 0]
@@ -421,6 +427,15 @@ def _instances(c, bert_config, n: int) -> list[_Instance]:
   if not c.keep_diagonal:
     np.fill_diagonal(eligible, 0.0)
   weights = logit_weights(index, int(np.prod(shape)), eligible)
+  if c.density_over == "data":
+    if lengths is None:
+      _bad("density_over='data' needs the training data's example lengths: build with "
+           "learn.build(..., lengths=dataset.lengths) (the trainer does), or use "
+           "density_over='matrix'.")
+    pairs_NxN = stats.pair_weights(lengths, n)
+  else:
+    pairs_NxN = np.ones((n, n))
+  pair_w = logit_weights(index, int(np.prod(shape)), eligible * pairs_NxN)
   heads = {i: bert_config.layer_heads(i) if c.per_head else 1 for i in layers}
   if c.share == "all_layers":
     if len(set(heads.values())) > 1:
@@ -430,15 +445,17 @@ def _instances(c, bert_config, n: int) -> list[_Instance]:
   else:
     groups = [(f"layer_{i}", (i,)) for i in layers]
   return [_Instance(name, ls, heads[ls[0]], (heads[ls[0]],) + shape, index, eligible,
-                    weights) for name, ls in groups]
+                    weights, pair_w, float(heads[ls[0]] * pairs_NxN.sum()))
+          for name, ls in groups]
 
 
-def _make(structure_config, bert_config, seq_len: int, method: str) -> learn.Structure:
+def _make(structure_config, bert_config, seq_len: int, method: str,
+          lengths: Any = None) -> learn.Structure:
   c = validate_config(structure_config, bert_config, seq_len)
   if c.method != method:
     _bad(f"method {c.method!r} was built by the {method!r} factory.")
   n, nl = int(seq_len), bert_config.num_hidden_layers
-  insts = _instances(c, bert_config, n)
+  insts = _instances(c, bert_config, n, lengths)
   hard = c.relaxation == "hard"
   lagrangian = c.target_density is not None and c.target_mode == "lagrangian"
 
@@ -456,14 +473,14 @@ def _make(structure_config, bert_config, seq_len: int, method: str) -> learn.Str
                          c.anneal)
     noisy = train or c.stochastic_eval
     masks: list[Any] = [None] * nl
-    l1, expected = [], []
+    l1, mass, expected = [], [], []
     for s, inst in enumerate(insts):
       a_HxP = params["logits"][inst.name].reshape(inst.heads, -1).astype(jnp.float32)
       if noisy:
         m_HxP = gumbel_sigmoid(a_HxP, jax.random.fold_in(rng, s), tau, hard)
       else:
-        m_HxP = binarize(a_HxP, c.eval_rule, c.target_density, inst.weights,
-                         inst.total).astype(jnp.float32)
+        m_HxP = binarize(a_HxP, c.eval_rule, c.target_density, inst.pair_weights,
+                         inst.pair_total).astype(jnp.float32)
       mask_HxNxN = expand(m_HxP, inst.index)
       if not c.keep_diagonal:
         mask_HxNxN = mask_HxNxN * inst.eligible
@@ -471,15 +488,17 @@ def _make(structure_config, bert_config, seq_len: int, method: str) -> learn.Str
         masks[layer] = mask_HxNxN
       # sum |M| over the expanded mask, computed per logit (w_p entries share m_p). Like
       # torch's |x| (gradient 0 at 0), an exactly dropped entry gets no penalty gradient.
-      l1.append(jnp.sum(jnp.where(m_HxP != 0, jnp.abs(m_HxP), 0.0) * inst.weights))
-      expected.append(expected_density(a_HxP, inst.weights, inst.total))
-    total = sum(i.total for i in insts)
-    metrics = {"dam/density": sum(l1) / total,
-               "dam/expected_density": sum(e * i.total for e, i in zip(expected, insts))
+      abs_HxP = jnp.where(m_HxP != 0, jnp.abs(m_HxP), 0.0)
+      l1.append(jnp.sum(abs_HxP * inst.weights))
+      mass.append(jnp.sum(abs_HxP * inst.pair_weights))
+      expected.append(expected_density(a_HxP, inst.pair_weights, inst.pair_total))
+    total = sum(i.pair_total for i in insts)
+    metrics = {"dam/density": sum(mass) / total,
+               "dam/expected_density": sum(e * i.pair_total for e, i in zip(expected, insts))
                                        / total,
                "dam/temperature": tau}
     if c.target_density is None:
-      penalty = c.lam * (sum(l1) if c.penalty == "l1_sum" else sum(l1) / total)
+      penalty = c.lam * (sum(l1) if c.penalty == "l1_sum" else sum(mass) / total)
     else:
       target = target_at(step, c.target_density, _sigmoid(c.init_logit),
                          c.target_warmup_steps)
@@ -505,8 +524,8 @@ def _make(structure_config, bert_config, seq_len: int, method: str) -> learn.Str
     block_dens: list[float | None] = [None] * nl
     for inst in insts:
       a_HxP = np.asarray(params["logits"][inst.name], np.float32).reshape(inst.heads, -1)
-      keep_HxP = np.asarray(binarize(a_HxP, c.eval_rule, c.target_density, inst.weights,
-                                     inst.total))
+      keep_HxP = np.asarray(binarize(a_HxP, c.eval_rule, c.target_density,
+                                     inst.pair_weights, inst.pair_total))
       mask_HxNxN = keep_HxP[:, inst.index] & (inst.eligible > 0)
       for layer in inst.layers:
         masks[layer] = mask_HxNxN
@@ -525,9 +544,10 @@ def _make(structure_config, bert_config, seq_len: int, method: str) -> learn.Str
         "anneal_steps": int(c.anneal_steps), "penalty": c.penalty, "lam": float(c.lam),
         "target_density": None if c.target_density is None else float(c.target_density),
         "target_mode": c.target_mode, "target_warmup_steps": int(c.target_warmup_steps),
-        "eval_rule": c.eval_rule,
+        "eval_rule": c.eval_rule, "density_over": c.density_over,
         "threshold": "sigmoid(logit) > 0.5" if c.eval_rule == "threshold" else
-                     f"top logits to element density {c.target_density}",
+                     f"top logits to density {c.target_density} over the "
+                     + ("data's valid pairs" if c.density_over == "data" else "matrix"),
         "element_density": float(np.mean([m.mean() for m in masks if m is not None])),
         "element_density_per_layer": dens_layer,
         "element_density_per_head": dens_head,
@@ -540,12 +560,16 @@ def _make(structure_config, bert_config, seq_len: int, method: str) -> learn.Str
 
 
 @learn.register("dam_u")
-def dam_u(structure_config, bert_config, seq_len: int) -> learn.Structure:
-  """DAM_u: a logit per attention position (or b x b block). See `default_config`."""
-  return _make(structure_config, bert_config, seq_len, "dam_u")
+def dam_u(structure_config, bert_config, seq_len: int, lengths: Any = None) -> learn.Structure:
+  """DAM_u: a logit per attention position (or b x b block). See `default_config`.
+
+  `lengths`: [E] training example lengths (needed for density_over="data")."""
+  return _make(structure_config, bert_config, seq_len, "dam_u", lengths)
 
 
 @learn.register("dam_s")
-def dam_s(structure_config, bert_config, seq_len: int) -> learn.Structure:
-  """DAM_s: a logit per diagonal offset (Toeplitz mask). See `default_config`."""
-  return _make(structure_config, bert_config, seq_len, "dam_s")
+def dam_s(structure_config, bert_config, seq_len: int, lengths: Any = None) -> learn.Structure:
+  """DAM_s: a logit per diagonal offset (Toeplitz mask). See `default_config`.
+
+  `lengths`: [E] training example lengths (needed for density_over="data")."""
+  return _make(structure_config, bert_config, seq_len, "dam_s", lengths)

@@ -233,7 +233,8 @@ def resolve_config(structure_config: Any, bert_config: Any) -> dict[str, Any]:
 
 
 @learn.register("prune")
-def make_structure(structure_config: Any, bert_config: Any, seq_len: int) -> learn.Structure:
+def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
+                   lengths: Any = None) -> learn.Structure:
   """Builds the attention-pruning Structure (reconstruction of Not All Attention's self-pruning).
 
   Params: {"layer_i": theta} with theta a scalar (unit="layer") or [H_i] (unit="head") for
@@ -242,7 +243,7 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int) -> lea
   `train=False` returns the frozen {0, 1} gates. `freeze` returns
   Frozen(gates, metadata={"pruned_layers", "pruned_heads", "kept_fraction", ...}).
   """
-  del seq_len  # Gates do not depend on the sequence length.
+  del seq_len, lengths  # Gates do not depend on the sequence length or the data.
   c = resolve_config(structure_config, bert_config)
   num_layers, layers, heads = bert_config.num_hidden_layers, c["layers"], c["heads"]
   by_head = c["unit"] == "head"

@@ -425,7 +425,8 @@ def _init_params(c: dict[str, Any], heads: dict[int, int]) -> dict[str, Array]:
 
 
 @learn.register("learned_window")
-def make_structure(structure_config: Any, bert_config: Any, seq_len: int) -> learn.Structure:
+def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
+                   lengths: Any = None) -> learn.Structure:
   """Builds the learned-window Structure (reconstruction of Breaking BERT's learned degrees).
 
   Params: {"layer_i": logits [H|1, C]} (gumbel_softmax) or {"layer_i": width [H|1]}
@@ -434,6 +435,7 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int) -> lea
   "window/expected_width", "window/expected_density", "window/density",
   "window/temperature". `freeze` returns bool masks and JSON-able metadata.
   """
+  del lengths  # Densities here are over the full n x n matrix.
   c = resolve_config(structure_config, bert_config, seq_len)
   n, cands, num_layers = int(seq_len), c["candidates"], bert_config.num_hidden_layers
   heads = {i: (bert_config.layer_heads(i) if c["per_head"] else 1) for i in c["layers"]}

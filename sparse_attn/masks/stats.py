@@ -101,6 +101,26 @@ def block_density(mask: Any, block: int) -> float:
   return float(tiles.mean())
 
 
+def pair_weights(lengths: np.ndarray, n: int) -> np.ndarray:
+  """[n, n] the share of a dataset's valid (query, key) pairs at each position.
+
+  W[i, j] = #{examples longer than max(i, j)} / sum_e min(len_e, n)^2, so W sums to 1 and
+  sum(W * mask) is a mask's density over valid pairs, averaged over the dataset's pairs
+  (the `attention_sparsity` that evaluation reports, up to how examples are weighted).
+
+  Args:
+    lengths: [E] tokens per example (longer ones count as n).
+    n: mask size.
+  """
+  lens = np.minimum(np.asarray(lengths, np.int64).ravel(), n)
+  if lens.size == 0 or lens.max() < 1:
+    raise ValueError("pair_weights needs at least one example with >= 1 token.")
+  longer = np.cumsum(np.bincount(lens, minlength=n + 1)[::-1])[::-1][1:]  # [n]: len > k
+  idx = np.arange(n)
+  w = longer[np.maximum(idx[:, None], idx[None, :])].astype(np.float64)
+  return w / np.sum(lens.astype(np.float64) ** 2)
+
+
 def per_layer_density(masks: Any, num_layers: int,
                       valid: np.ndarray | None = None) -> np.ndarray:
   """Density of each layer's mask (None = dense counts as 1).
