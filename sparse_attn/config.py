@@ -98,7 +98,7 @@ def number(text: str) -> int | float | str:
 
 def minilm_finetune(args: dict[str, str]) -> ml_collections.ConfigDict:
   """The shared setting of the fine-tuning experiments in configs/: MiniLM on offline
-  Rotten Tomatoes, max length 64, batch 32, `steps=N` steps (default 100), lr 1e-4,
+  Rotten Tomatoes, max length 64, batch 32, `steps=N` steps (default 150), lr 1e-4,
   length-grouped batches padded to buckets 16/32/48/64 (35 tokens on average, not 64)."""
   c = base_config()
   c.data.max_len = 64
@@ -106,7 +106,7 @@ def minilm_finetune(args: dict[str, str]) -> ml_collections.ConfigDict:
   c.data.length_grouping = 50
   c.optimizer.learning_rate = 1e-4
   c.train.batch_size = 32
-  c.train.num_steps = int(args.get("steps", 100))
+  c.train.num_steps = int(args.get("steps", 150))
   c.train.eval_batch_size = 128
   c.train.log_every = 10
   c.checkpoint.every_steps = 50

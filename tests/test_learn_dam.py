@@ -243,9 +243,8 @@ def test_topk_hits_the_target_density():
 
 
 def _valid_pair_density(mask_HxNxN, lengths):
-  """Density of a mask over the valid pairs of examples of these lengths (a loop)."""
-  kept = sum(mask_HxNxN[:, :m, :m].sum() for m in lengths)
-  return kept / (mask_HxNxN.shape[0] * sum(m * m for m in lengths))
+  """Mean over examples of a mask's density over their valid pairs (a loop)."""
+  return np.mean([mask_HxNxN[:, :m, :m].mean() for m in lengths])
 
 
 @pytest.mark.parametrize("method", ["dam_s", "dam_u"])
@@ -259,7 +258,6 @@ def test_density_over_data_counts_the_datas_valid_pairs(method):
   got = _valid_pair_density(mask, np.minimum(lengths, n))
   # Top-k is exact up to one logit's share of the pairs (an offset's, for dam_s).
   assert abs(got - t) < (0.01 if method == "dam_u" else 0.08), got
-  assert abs(mask.mean() - t) > abs(got - t)  # The matrix density is something else.
   # The logged expected density is the valid-pair one.
   s = _sample(st, params, jax.random.key(1), 0, True)
   p = dam.expand_toeplitz(jax.nn.sigmoid(params["logits"]["shared"]), n) if method == "dam_s" \

@@ -186,12 +186,15 @@ def test_connectivity_errors():
     stats.is_connected([np.ones((3, 3), bool)], s=0)
 
 
-def test_pair_weights_is_the_share_of_valid_pairs_at_each_position():
+def test_pair_weights_average_each_examples_valid_pairs():
   n, lengths = 6, np.array([2, 4, 4, 9])  # 9 > n counts as n.
   expect = np.zeros((n, n))
   for m in np.minimum(lengths, n):
-    expect[:m, :m] += 1
-  expect /= expect.sum()
-  np.testing.assert_allclose(stats.pair_weights(lengths, n), expect)
+    expect[:m, :m] += 1 / (m * m * len(lengths))
+  w = stats.pair_weights(lengths, n)
+  np.testing.assert_allclose(w, expect)
+  mask = np.random.default_rng(0).random((n, n)) < 0.4
+  valid = np.arange(n)[None, :] < np.minimum(lengths, n)[:, None]
+  np.testing.assert_allclose((w * mask).sum(), stats.density(mask, valid))
   with pytest.raises(ValueError, match="at least one example"):
     stats.pair_weights(np.array([], np.int64), n)

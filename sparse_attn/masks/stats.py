@@ -102,23 +102,24 @@ def block_density(mask: Any, block: int) -> float:
 
 
 def pair_weights(lengths: np.ndarray, n: int) -> np.ndarray:
-  """[n, n] the share of a dataset's valid (query, key) pairs at each position.
+  """[n, n] where a dataset's valid (query, key) pairs sit, each example weighing the same.
 
-  W[i, j] = #{examples longer than max(i, j)} / sum_e min(len_e, n)^2, so W sums to 1 and
-  sum(W * mask) is a mask's density over valid pairs, averaged over the dataset's pairs
-  (the `attention_sparsity` that evaluation reports, up to how examples are weighted).
+  W[i, j] = mean over examples e of 1[i, j < len_e] / len_e^2, so W sums to 1 and
+  sum(W * mask) is the mask's density over each example's valid pairs, averaged over the
+  examples: the `attention_density` that evaluation reports.
 
   Args:
     lengths: [E] tokens per example (longer ones count as n).
     n: mask size.
   """
   lens = np.minimum(np.asarray(lengths, np.int64).ravel(), n)
-  if lens.size == 0 or lens.max() < 1:
-    raise ValueError("pair_weights needs at least one example with >= 1 token.")
-  longer = np.cumsum(np.bincount(lens, minlength=n + 1)[::-1])[::-1][1:]  # [n]: len > k
+  if lens.size == 0 or lens.min() < 1:
+    raise ValueError("pair_weights needs at least one example, each with >= 1 token.")
+  per_len = np.bincount(lens, minlength=n + 1) / (lens.size * np.arange(n + 1.0) ** 2
+                                                  + (np.arange(n + 1) == 0))
+  longer = np.cumsum(per_len[::-1])[::-1][1:]  # [n]: sum over lengths > k of count / m^2.
   idx = np.arange(n)
-  w = longer[np.maximum(idx[:, None], idx[None, :])].astype(np.float64)
-  return w / np.sum(lens.astype(np.float64) ** 2)
+  return longer[np.maximum(idx[:, None], idx[None, :])]
 
 
 def per_layer_density(masks: Any, num_layers: int,
