@@ -14,8 +14,8 @@ Variants (comma-separated argument):
   lam=X                  penalty weight (sweep: 1e-4 .. 1e-1, higher = sparser); switches
                          from the target-density mode to the plain penalty.
   target=X               target density of the learned mask over the training data's
-                         valid (query, key) pairs (default 0.17; the global [CLS] links
-                         add ~0.06, so about 77% of valid pairs end up masked); the
+                         valid (query, key) pairs (default 0.15; the global [CLS] links
+                         add ~0.07, so about 77% of valid pairs end up masked); the
                          evaluation mask keeps the top logits to exactly this density.
   global=G               the first G tokens ([CLS] for G=1) always attend and are attended
                          (a fixed mask OR-ed with the learned one; default 1, 0 = off).
@@ -66,7 +66,7 @@ def get_config(arg: str | None = None):
         s.penalty = "density"
         s.lam = float(args["lam"])
       else:
-        s.target_density = float(args.get("target", 0.17))
+        s.target_density = float(args.get("target", 0.15))
         s.density_over = "data"
         s.eval_rule = "topk"
         s.target_mode = "abs"

@@ -3,6 +3,7 @@
 import importlib.util
 import pathlib
 
+import numpy as np
 import pytest
 
 from sparse_attn import config as config_lib
@@ -20,7 +21,8 @@ VARIANTS = {
     "dam.py": ["", "runlocal", "method=dam_u", "official", "lam=1e-3", "target=0.1",
                "per_layer", "block=16", "nodiag", "global=0", "task=shakespeare"],
     "prune.py": ["", "runlocal", "unit=head", "keep_ln", "prune=0.5"],
-    "window.py": ["", "runlocal", "beta=3", "soft", "start=0", "global=1"],
+    "window.py": ["", "runlocal", "beta=3", "soft", "start=0", "global=0", "notarget",
+                  "target=0.3", "bigbird,runlocal"],
 }
 
 
@@ -44,6 +46,7 @@ def test_config_variant_builds(name, arg):
   if c.model.get("pruned_keep_layernorm"):
     bert = model.BertConfig(**{**MINILM.__dict__, "pruned_keep_layernorm": True})
   fixed_masks.build(c.masks, bert, c.data.max_len)
-  learn.build(c.structure, bert, c.data.max_len)
+  learn.build(c.structure, bert, c.data.max_len,
+              lengths=np.arange(2, c.data.max_len + 1))  # As if from the training data.
   if "runlocal" in arg:
     assert c.train.num_steps <= 10 and c.data.max_train_examples <= 128

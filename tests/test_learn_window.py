@@ -13,6 +13,7 @@ import pytest
 from sparse_attn import learn
 from sparse_attn import model
 from sparse_attn.learn import window
+from sparse_attn.masks import stats
 from sparse_attn.masks import patterns
 
 N = 12
@@ -97,6 +98,11 @@ def test_masks_from_keep_and_density_agree():
         assert m[h, i, j] == pytest.approx(want)
   np.testing.assert_allclose(window.density_from_keep(t, fixed), m.mean(axis=(1, 2)),
                              rtol=1e-6)
+  # Over a dataset's valid pairs: the mean over examples of each one's density.
+  lengths = np.array([3, 5, N, N + 4])
+  pairs = stats.pair_weights(lengths, N)
+  want = [np.mean([m[h, :k, :k].mean() for k in np.minimum(lengths, N)]) for h in range(3)]
+  np.testing.assert_allclose(window.density_from_keep(t, fixed, pairs), want, rtol=1e-5)
 
 
 def test_gumbel_softmax_st_forward_one_hot_and_gradient():
@@ -296,8 +302,46 @@ def test_bigbird_matched_rule(target):
   assert abs(density - target) == pytest.approx(best)
 
 
+def test_bigbird_matched_over_a_datasets_valid_pairs():
+  n, g, seed, lengths = 24, 1, 2, np.array([5, 8, 8, 13, 30])
+  pairs = stats.pair_weights(lengths, n)
+  counts = window._bigbird_counts(n, g, seed, pairs)
+  for w in (0, 3, 23):
+    for r in (0, 2, 24):
+      np.testing.assert_allclose(counts[w, r], (patterns.bigbird(n, w, g, r, seed)
+                                                * pairs).sum())
+  mask, density, w, r = window.bigbird_matched(n, 0.4, g, seed, pairs_NxN=pairs)
+  valid = np.arange(n)[None, :] < np.minimum(lengths, n)[:, None]
+  assert density == pytest.approx(stats.density(mask, valid))
+  best = min(abs(stats.density(patterns.bigbird(n, w, g, k, seed), valid) - 0.4)
+             for k in range(n + 1))
+  assert abs(density - 0.4) == pytest.approx(best)
+
+
 def test_bigbird_matched_fixed_window():
   m = window.bigbird_matched(32, 0.3, 1, 0, window=1)
   assert m.window == 1 and abs(m.density - 0.3) < 1.0 / 32
   with pytest.raises(ValueError, match="target_density"):
     window.bigbird_matched(32, 1.5)
+
+
+@pytest.mark.parametrize("relaxation", ["gumbel_softmax", "soft_window"])
+def test_target_density_pulls_the_expected_density_to_the_target(relaxation):
+  lengths = np.array([4, 6, 9, N])
+  s = window.make_structure(_cfg(relaxation=relaxation, max_width=N - 1, beta=1.0,
+                                 target_density=0.3, density_over="data"), _bert(), N,
+                            lengths=lengths)
+  params = s.init(jax.random.key(0))  # "widest": far above the target.
+  gap = jax.jit(lambda p: s.sample(p, jax.random.key(1), 0, True).metrics[
+      "window/expected_density"] - 0.3)
+  pen = jax.jit(lambda p: s.sample(p, jax.random.key(1), 0, True).penalty)
+  assert float(gap(params)) > 0.3
+  np.testing.assert_allclose(pen(params), gap(params), rtol=1e-5)  # beta * |gap|, one gap.
+  for _ in range(300):
+    g = jax.grad(pen)(params)
+    params = jax.tree_util.tree_map(lambda p, d: p - 5.0 * d, params, g)
+  assert abs(float(gap(params))) < 0.1
+  with pytest.raises(ValueError, match="lengths=dataset.lengths"):
+    window.make_structure(_cfg(density_over="data"), _bert(), N)
+  with pytest.raises(ValueError, match="target_density"):
+    window.make_structure(_cfg(target_density=1.5), _bert(), N)

@@ -15,7 +15,10 @@ Two relaxations make w learnable jointly with the model:
     style); the penalty is beta * density of the soft mask.
 
 Penalty normalisation: beta times the MEAN over learned layers (and heads) of the expected
-density at the run's maximum length n, so beta does not scale with depth. Sweeping beta traces
+density, so beta does not scale with depth. The density is over the n x n matrix at the
+run's maximum length n (density_over="matrix"), or over the training data's valid pairs,
+each example weighing the same (density_over="data", `masks.stats.pair_weights`), which is
+the density evaluation reports. Sweeping beta traces
 the accuracy/sparsity trade-off; `bigbird_matched` builds the fixed BigBird baseline at a
 matched density. `freeze` takes the argmax width (gumbel_softmax) or floor(w), the width at
 which the soft band crosses 0.5 (soft_window), clipped to [0, max_width].
@@ -38,6 +41,7 @@ import numpy as np
 
 from sparse_attn import learn
 from sparse_attn.masks import patterns
+from sparse_attn.masks import stats
 
 Array = jax.Array
 
@@ -70,6 +74,11 @@ def default_config() -> ml_collections.ConfigDict:
       init: "widest" (start near dense), "uniform" or "narrowest".
       init_prob: gumbel_softmax: probability the init puts on the favoured width (the rest is
         spread uniformly); ignored by "uniform" and by soft_window.
+      density_over: "matrix" (the n x n matrix) or "data" (the training data's valid pairs;
+        needs the example lengths, which the trainer passes).
+      target_density: None (penalty beta * density), or a density in (0, 1]: the penalty
+        becomes beta * mean over learned layers (and heads) of |E[density] - target|, so a
+        run asks for a sparsity instead of searching beta for it.
   """
   c = ml_collections.ConfigDict()
   c.relaxation = "gumbel_softmax"
@@ -87,6 +96,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.include_self = True
   c.init = "widest"
   c.init_prob = 0.9
+  c.density_over = "matrix"
+  c.target_density = None
   return c
 
 
@@ -151,10 +162,14 @@ def fixed_links(n: int, global_tokens: int = 0, random_keys: int = 0,
   return fixed_NxN
 
 
-def free_offset_counts(fixed_NxN: np.ndarray) -> np.ndarray:
-  """Pairs at each offset k that the fixed links do NOT already cover. Shape [N]."""
+def free_offset_counts(fixed_NxN: np.ndarray, pairs_NxN: np.ndarray | None = None) -> np.ndarray:
+  """Pairs at each offset k that the fixed links do NOT already cover. Shape [N].
+
+  With `pairs_NxN` (weights per position), their summed weight instead of their count."""
   n = fixed_NxN.shape[-1]
-  return np.bincount(offsets(n)[~fixed_NxN], minlength=n).astype(np.int64)
+  w = None if pairs_NxN is None else np.asarray(pairs_NxN, np.float64)[~fixed_NxN]
+  counts = np.bincount(offsets(n)[~fixed_NxN], weights=w, minlength=n)
+  return counts.astype(np.int64) if pairs_NxN is None else counts
 
 
 def tail_keep(z_xC: Any, candidates: Sequence[int], n: int) -> Array:
@@ -200,17 +215,22 @@ def masks_from_keep(t_xN: Array, fixed_NxN: np.ndarray) -> Array:
   return jnp.where(jnp.asarray(fixed_NxN), 1.0, m)
 
 
-def density_from_keep(t_xN: Any, fixed_NxN: np.ndarray) -> Array:
+def density_from_keep(t_xN: Any, fixed_NxN: np.ndarray,
+                      pairs_NxN: np.ndarray | None = None) -> Array:
   """Density of masks_from_keep(t, fixed), in closed form: (sum_k free_k t_k + |F|) / n^2.
 
-  Linear in t, so with t = P(width >= k) it is the expected density E_p[density].
+  Linear in t, so with t = P(width >= k) it is the expected density E_p[density]. With
+  `pairs_NxN` (weights summing to 1, e.g. `masks.stats.pair_weights`), the weighted
+  density sum_k free_k(W) t_k + W[F] instead.
 
   Returns:
     float array of shape [...].
   """
   n = fixed_NxN.shape[-1]
-  free_N = jnp.asarray(free_offset_counts(fixed_NxN), jnp.float32)
-  return (jnp.asarray(t_xN, jnp.float32) @ free_N + float(fixed_NxN.sum())) / n**2
+  if pairs_NxN is None:
+    pairs_NxN = np.full((n, n), 1.0 / n**2)
+  free_N = jnp.asarray(free_offset_counts(fixed_NxN, pairs_NxN), jnp.float32)
+  return jnp.asarray(t_xN, jnp.float32) @ free_N + float(np.sum(pairs_NxN[fixed_NxN]))
 
 
 def expected_density(probs_xC: Any, candidates: Sequence[int], n: int,
@@ -265,8 +285,8 @@ class BigBirdMatch(NamedTuple):
 
 
 def bigbird_matched(n: int, target_density: float, global_tokens: int = 0, seed: int = 0, *,
-                    window: int | None = None,
-                    random_keys: int | None = None) -> BigBirdMatch:
+                    window: int | None = None, random_keys: int | None = None,
+                    pairs_NxN: np.ndarray | None = None) -> BigBirdMatch:
   """The BigBird mask (window + global + random) whose density at n best matches a target.
 
   The mask is `patterns.bigbird(n, w, global_tokens, r, seed)`. Unless fixed by the caller,
@@ -283,6 +303,8 @@ def bigbird_matched(n: int, target_density: float, global_tokens: int = 0, seed:
     seed: seed of the random keys.
     window: fix the half-width (in [0, n - 1]) instead of choosing it.
     random_keys: fix the random keys per row (in [0, n]) instead of choosing them.
+    pairs_NxN: weights of the positions (e.g. `masks.stats.pair_weights` of a dataset's
+      lengths, to match the density over its valid pairs); None = the n x n matrix.
 
   Returns:
     BigBirdMatch(mask = bool mask_NxN, density, window, random_keys); `mask, density, *_ =`
@@ -294,10 +316,12 @@ def bigbird_matched(n: int, target_density: float, global_tokens: int = 0, seed:
     raise ValueError(f"window must lie in [0, {n - 1}] at n={n}; got {window}.")
   if random_keys is not None and not 0 <= random_keys <= n:
     raise ValueError(f"random_keys must lie in [0, {n}]; got {random_keys}.")
-  count_WxR = _bigbird_counts(n, global_tokens, seed)
-  err_WxR = np.abs(count_WxR / n**2 - target_density)
+  pairs_NxN = np.ones((n, n)) if pairs_NxN is None else np.asarray(pairs_NxN, np.float64)
+  total = pairs_NxN.sum()
+  count_WxR = _bigbird_counts(n, global_tokens, seed, pairs_NxN)
+  err_WxR = np.abs(count_WxR / total - target_density)
   if window is None and random_keys is None:
-    fits = np.nonzero(count_WxR[:, 0] <= target_density * n**2 + 1e-9)[0]
+    fits = np.nonzero(count_WxR[:, 0] <= target_density * total * (1 + 1e-9))[0]
     window = int(fits.max()) if fits.size else 0
   if window is not None:
     w = int(window)
@@ -307,11 +331,15 @@ def bigbird_matched(n: int, target_density: float, global_tokens: int = 0, seed:
     col = err_WxR[:, r]
     w = int(np.nonzero(col <= col.min() + 1e-12)[0].max())
   mask_NxN = patterns.bigbird(n, w, global_tokens, r, seed)
-  return BigBirdMatch(mask_NxN, float(mask_NxN.mean()), w, r)
+  return BigBirdMatch(mask_NxN, float((mask_NxN * pairs_NxN).sum() / total), w, r)
 
 
-def _bigbird_counts(n: int, global_tokens: int, seed: int) -> np.ndarray:
-  """count[w, r] = kept pairs of patterns.bigbird(n, w, global_tokens, r, seed). [N, N+1]."""
+def _bigbird_counts(n: int, global_tokens: int, seed: int,
+                    pairs_NxN: np.ndarray | None = None) -> np.ndarray:
+  """count[w, r] = kept pairs of patterns.bigbird(n, w, global_tokens, r, seed). [N, N+1].
+
+  With `pairs_NxN`, the kept pairs' summed weight instead of their number."""
+  pairs_NxN = np.ones((n, n)) if pairs_NxN is None else np.asarray(pairs_NxN, np.float64)
   glob_NxN = patterns.global_tokens(n, global_tokens)
   # Rank of each key in its row's random order: the keys of `patterns.random(n, r, seed)`
   # are those with rank < r (the same draw and stable argsort).
@@ -321,14 +349,14 @@ def _bigbird_counts(n: int, global_tokens: int, seed: int) -> np.ndarray:
   np.put_along_axis(rank_NxN, order_NxN, np.broadcast_to(np.arange(n), (n, n)), axis=-1)
   free = ~glob_NxN
   # hist[d, rho] = non-global pairs at offset d whose random rank is rho.
-  hist_NxN = np.zeros((n, n), np.int64)
-  np.add.at(hist_NxN, (offsets(n)[free], rank_NxN[free]), 1)
+  hist_NxN = np.zeros((n, n))
+  np.add.at(hist_NxN, (offsets(n)[free], rank_NxN[free]), pairs_NxN[free])
   band_W = np.cumsum(hist_NxN.sum(1))                      # Non-global pairs with d <= w.
-  beyond_WxN = np.zeros((n, n), np.int64)                  # Rows w: pairs with d > w.
+  beyond_WxN = np.zeros((n, n))                            # Rows w: pairs with d > w.
   beyond_WxN[:-1] = hist_NxN[::-1].cumsum(0)[::-1][1:]
   outside_WxR = np.concatenate(                            # d > w and rank < r.
-      [np.zeros((n, 1), np.int64), beyond_WxN.cumsum(1)], 1)
-  return glob_NxN.sum() + band_W[:, None] + outside_WxR
+      [np.zeros((n, 1)), beyond_WxN.cumsum(1)], 1)
+  return pairs_NxN[glob_NxN].sum() + band_W[:, None] + outside_WxR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +383,11 @@ def resolve_config(structure_config: Any, bert_config: Any, seq_len: int) -> dic
     raise ValueError(f"learned_window needs seq_len >= 2; got {seq_len}.")
   if c["relaxation"] not in RELAXATIONS:
     raise ValueError(f"Unknown relaxation {c['relaxation']!r}; use one of {RELAXATIONS}.")
+  t = c["target_density"]
+  if t is not None and not 0.0 < t <= 1.0:
+    raise ValueError(f"target_density must be None or in (0, 1]; got {t!r}.")
+  if c["density_over"] not in ("matrix", "data"):
+    raise ValueError(f"density_over must be 'matrix' or 'data'; got {c['density_over']!r}.")
   if c["init"] not in INITS:
     raise ValueError(f"Unknown init {c['init']!r}; use one of {INITS}.")
   if not c["beta"] >= 0:
@@ -435,9 +468,15 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
   "window/expected_width", "window/expected_density", "window/density",
   "window/temperature". `freeze` returns bool masks and JSON-able metadata.
   """
-  del lengths  # Densities here are over the full n x n matrix.
   c = resolve_config(structure_config, bert_config, seq_len)
   n, cands, num_layers = int(seq_len), c["candidates"], bert_config.num_hidden_layers
+  pairs_NxN = None  # Matrix density.
+  if c["density_over"] == "data":
+    if lengths is None:
+      raise ValueError("learned_window: density_over='data' needs the training data's "
+                       "example lengths: build with learn.build(..., lengths="
+                       "dataset.lengths) (the trainer does), or use density_over='matrix'.")
+    pairs_NxN = stats.pair_weights(lengths, n)
   heads = {i: (bert_config.layer_heads(i) if c["per_head"] else 1) for i in c["layers"]}
   fixed_NxN = fixed_links(n, c["global_tokens"], c["random_keys"], c["random_seed"])
   gumbel = c["relaxation"] == "gumbel_softmax"
@@ -466,7 +505,7 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
           z = jax.nn.one_hot(jnp.argmax(p, axis=-1), len(cands), dtype=jnp.float32)
         t = _set_diagonal(tail_keep(z, cands, n), c["include_self"])
         ew, et = expected(p)
-        exp_dens.append(density_from_keep(et, fixed_NxN))
+        exp_dens.append(density_from_keep(et, fixed_NxN, pairs_NxN))
       else:
         if train:
           t = _set_diagonal(soft_keep(p, n, tau), c["include_self"])
@@ -476,18 +515,22 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
                             c["include_self"])
         ew = p
         exp_dens.append(density_from_keep(
-            _set_diagonal(soft_keep(p, n, tau), c["include_self"]), fixed_NxN))
+            _set_diagonal(soft_keep(p, n, tau), c["include_self"]), fixed_NxN, pairs_NxN))
       masks[i] = masks_from_keep(t, fixed_NxN)
-      dens.append(density_from_keep(t, fixed_NxN))
+      dens.append(density_from_keep(t, fixed_NxN, pairs_NxN))
       widths.append(ew)
     mean = lambda xs: jnp.mean(jnp.concatenate([jnp.ravel(x) for x in xs]))
     expected_density_ = mean(exp_dens)
+    if c["target_density"] is None:
+      penalty = c["beta"] * expected_density_
+    else:
+      penalty = c["beta"] * mean([jnp.abs(d - c["target_density"]) for d in exp_dens])
     metrics = {"window/expected_width": mean(widths),
                "window/expected_density": expected_density_,
                "window/density": mean(dens),
                "window/temperature": tau}
     return learn.Sample(masks=tuple(masks), gates=None,
-                        penalty=c["beta"] * expected_density_, metrics=metrics)
+                        penalty=penalty, metrics=metrics)
 
   def freeze(params):
     masks, widths, densities = [None] * num_layers, {}, {}
@@ -510,7 +553,8 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
                           "reconstruction; the paper's exact algorithm is not public)",
         "relaxation": c["relaxation"], "seq_len": n, "per_head": bool(c["per_head"]),
         "layers": list(c["layers"]), "widths": widths, "densities": densities,
-        "density": float(np.mean(layer_density)),
+        "density": float(np.mean(layer_density)), "density_over": c["density_over"],
+        "target_density": c["target_density"],
         "global_tokens": int(c["global_tokens"]), "random_keys": int(c["random_keys"]),
         "random_seed": int(c["random_seed"]), "include_self": bool(c["include_self"]),
     }
