@@ -64,7 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
       ]))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=32, eval_batch_size=64, num_steps=0, num_epochs=1.0, seed=0,
-      log_every=20, eval_every=0, eval_splits=["validation"], max_eval_batches=0))
+      log_every=20, eval_every=0, eval_splits=["validation"], max_eval_batches=0,
+      # JAX's persistent compilation cache: a directory, "auto" (xla/ in the asset cache)
+      # or "" (off). Reruns and eval.py then skip compilation.
+      compilation_cache="auto"))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=200, keep=2, keep_best=1, async_save=True))
   c.export = ml_collections.ConfigDict(dict(masks=True, block_size=128))

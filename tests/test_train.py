@@ -465,3 +465,15 @@ def test_nan_loss_keeps_the_last_finite_checkpoint(tmp_path):
   losses = _tiny.losses_by_step(workdir)
   assert all(math.isfinite(losses[s]) for s in range(1, nan_step))
   assert not (workdir / "results.json").exists()
+
+
+def test_compilation_cache_setting(tmp_path, monkeypatch):
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    train.enable_compilation_cache("")
+    assert jax.config.jax_compilation_cache_dir == before  # "" leaves JAX's setting.
+    monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path))
+    train.enable_compilation_cache("auto")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
