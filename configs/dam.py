@@ -23,6 +23,9 @@ Variants (comma-separated argument):
                          evaluation mask keeps the top logits to exactly this density.
   global=G               the first G tokens ([CLS] for G=1) always attend and are attended
                          (a fixed mask OR-ed with the learned one; default 1, 0 = off).
+  sep                    [SEP] is an attention sink: every query may attend to its
+                         example's [SEP] in every layer (masks.sink_tokens), as BERT heads
+                         park attention there; lower target by ~0.04 to keep the sparsity.
   init=X                 initial logit (default 2: P(keep) = 0.88, i.e. start near the
                          pretrained dense model; SparseBERT's pre-training used 0).
   per_layer              one mask per layer instead of one shared by all layers.
@@ -49,6 +52,8 @@ def get_config(arg: str | None = None):
     c.data.buckets = ()
     c.optimizer.learning_rate = 5e-5
 
+  if "sep" in args:
+    c.masks.sink_tokens = ("[SEP]",)
   if "masks" in args:  # Phase two: the learned mask, frozen.
     c.masks.source = args["masks"]
   else:

@@ -51,7 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.masks = ml_collections.ConfigDict(dict(
       source="none", pattern="", kwargs={}, layers=None, start_layer=0,
-      remove_diagonal=False, combine="and"))
+      remove_diagonal=False, combine="and",
+      # Tokens every query may attend to in masked layers, e.g. ("[SEP]",).
+      sink_tokens=()))
   c.structure = ml_collections.ConfigDict(dict(method="none"))
 
   c.optimizer = ml_collections.ConfigDict(dict(

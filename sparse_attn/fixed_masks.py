@@ -12,6 +12,12 @@ their top-left n' x n' block (exact for position-defined masks such as windows a
 Toeplitz masks); n' > n is an error, since positions beyond n were never learned.
 
 Leaves are [H|1, n, n]; `slice_masks` cuts them to each batch's length L.
+
+Sink tokens (`masks.sink_tokens`, e.g. ("[SEP]",)): every query may attend to every such
+token of its example, whatever the mask (Longformer's token-defined global attention,
+keys only; BERT heads park attention on [SEP] when they have nothing to do, Clark et al.
+2019). The links depend on the tokens, so `add_sinks` applies them per batch, making the
+masked layers' leaves per example [B, H|1, L, L].
 """
 
 from __future__ import annotations
@@ -157,6 +163,45 @@ def combine(fixed, learned, mode: str = "and"):
     else:
       out.append(jnp.logical_and(f, l) if mode == "and" else jnp.logical_or(f, l))
   return tuple(out)
+
+
+def add_sinks(masks, input_ids_BxL, sink_ids: tuple[int, ...]):
+  """Keeps, in every masked layer, the links from each query to its example's sink tokens.
+
+  Args:
+    masks: per-layer tuple of leaves [..., L, L] (bool or float; None = dense) or None.
+    input_ids_BxL: the batch's token ids.
+    sink_ids: token ids every query may attend to (() = no change).
+
+  Returns:
+    The tuple with masked leaves [B, H|1, L, L]: bool masks OR-ed with the sink columns,
+    float masks maxed with them; dense layers stay None.
+  """
+  if masks is None or not sink_ids:
+    return masks
+  sink_Bx1x1xL = jnp.isin(input_ids_BxL, jnp.asarray(sink_ids))[:, None, None, :]
+
+  def add(m):
+    if m is None:
+      return None
+    m = jnp.asarray(m)
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape) if m.ndim < 4 else m
+    if m.dtype == jnp.bool_:
+      return m | sink_Bx1x1xL
+    return jnp.maximum(m, sink_Bx1x1xL.astype(m.dtype))
+  return tuple(add(m) for m in masks)
+
+
+def resolve_sinks(tokens, tokenizer) -> tuple[int, ...]:
+  """Token ids of `masks.sink_tokens` (token strings such as "[SEP]") in the vocabulary."""
+  ids = []
+  for t in tokens or ():
+    i = tokenizer.token_to_id(t)
+    if i is None:
+      raise ValueError(f"masks.sink_tokens: {t!r} is not a token of the vocabulary; use "
+                       "exact tokens such as '[SEP]', '[CLS]' or '.'.")
+    ids.append(int(i))
+  return tuple(ids)
 
 
 def slice_masks(masks, length: int):

@@ -302,17 +302,22 @@ class Run:
   state: TrainState
   state_shardings: Any
   ckpt: ckpt_lib.Checkpointer
+  sinks: tuple[int, ...] = ()  # Token ids of masks.sink_tokens.
 
   def frozen(self, state) -> fixed_lib.FrozenStructure:
     """The deterministic structure of `state` (masks for eval, checkpoints, export)."""
-    return fixed_lib.freeze(self.structure, self.fixed, state.params["structure"],
-                            self.bert_config, self.config.data.max_len,
-                            step=int(state.step), workdir=str(self.workdir),
-                            mode=self.config.masks.combine)
+    frozen = fixed_lib.freeze(self.structure, self.fixed, state.params["structure"],
+                              self.bert_config, self.config.data.max_len,
+                              step=int(state.step), workdir=str(self.workdir),
+                              mode=self.config.masks.combine)
+    if self.sinks:  # Token-defined links are not in the position masks: record them.
+      frozen.metadata["sink_tokens"] = list(self.config.masks.sink_tokens)
+      frozen.metadata["sink_token_ids"] = list(self.sinks)
+    return frozen
 
   def evaluate(self, state, eval_step=None) -> tuple[dict[str, dict], Any]:
     """Official metrics of every eval split, and the frozen structure used."""
-    eval_step = eval_step or jax.jit(make_eval_step(self.module, self.task))
+    eval_step = eval_step or jax.jit(make_eval_step(self.module, self.task, self.sinks))
     frozen = self.frozen(state)
     out = {s: evaluate(eval_step, state, ds, self.task, self.mesh,
                        self.config.train.eval_batch_size, frozen,
@@ -379,7 +384,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   else:
     state = _init_from(state, config, init_params, state_shardings)
   return Run(config, workdir, mesh, task, train_ds, eval_sets, bert_config, module,
-             structure, fixed, total_steps, tx, schedules, state, state_shardings, ckpt)
+             structure, fixed, total_steps, tx, schedules, state, state_shardings, ckpt,
+             fixed_lib.resolve_sinks(config.masks.sink_tokens, tokenizer))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -399,10 +405,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run.workdir.mkdir(parents=True, exist_ok=True)
   start, total_steps = int(state.step), run.total_steps
   train_step = jax.jit(make_train_step(run.module, run.structure, run.fixed, run.tx, run.task,
-                                       config.masks.combine),
+                                       config.masks.combine, run.sinks),
                        in_shardings=(run.state_shardings, None),
                        out_shardings=(run.state_shardings, None), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(run.module, run.task))
+  eval_step = jax.jit(make_eval_step(run.module, run.task, run.sinks))
   writer = observe.MetricWriter(run.workdir, total_steps)
   cfg_dict = config.to_dict()
   main_split = config.train.eval_splits[0]

@@ -60,7 +60,8 @@ def _model_inputs(batch):
   return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
 
-def make_train_step(module, structure, fixed, tx, task, combine: str = "and"):
+def make_train_step(module, structure, fixed, tx, task, combine: str = "and",
+                    sinks: tuple[int, ...] = ()):
   """Returns step(state, batch) -> (state, metrics); jit it with shardings.
 
   Args:
@@ -70,13 +71,13 @@ def make_train_step(module, structure, fixed, tx, task, combine: str = "and"):
     tx: the optax optimizer over {"model", "structure"} params.
     task: the data Task (its `kind`).
     combine: how fixed and learned masks combine per layer ("and" | "or").
+    sinks: token ids every query may attend to in masked layers (`fixed_masks.add_sinks`).
   """
   kind = task.kind
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     r_drop, r_struct = jax.random.split(rng)
-    length = batch["input_ids"].shape[1]
 
     def loss_fn(params):
       masks, gates, penalty, s_metrics = fixed, None, 0.0, {}
@@ -86,7 +87,7 @@ def make_train_step(module, structure, fixed, tx, task, combine: str = "and"):
         gates, penalty, s_metrics = sample.gates, sample.penalty, sample.metrics
       logits, aux = module.apply(
           {"params": params["model"]}, *_model_inputs(batch),
-          masks=fixed_lib.slice_masks(masks, length), gates=gates, deterministic=False,
+          masks=_batch_masks(masks, batch, sinks), gates=gates, deterministic=False,
           rngs={"dropout": r_drop})
       total, count = task_loss(kind, logits, batch)
       loss = total / jnp.maximum(count, 1.0)
@@ -104,17 +105,23 @@ def make_train_step(module, structure, fixed, tx, task, combine: str = "and"):
   return step
 
 
+def _batch_masks(masks, batch, sinks):
+  """The run's masks cut to the batch's length, with the batch's sink-token links."""
+  masks = fixed_lib.slice_masks(masks, batch["input_ids"].shape[1])
+  return fixed_lib.add_sinks(masks, batch["input_ids"], sinks)
+
+
 def _density_sum(masks, gates, batch, bert_config):
   """Per layer, the sum over real examples of the kept fraction of valid (q, k) pairs.
 
   A dense layer counts 1, a layer without attention (or with a closed layer gate) 0.
+  `masks` are the batch's masks (`_batch_masks`): leaves [..., L, L], per example or not.
   Returns [num_layers] float32.
   """
   valid_BxL = batch["attention_mask"].astype(bool)
   w_B = batch["weights"].astype(jnp.float32)
   pairs_Bx1xLxL = valid_BxL[:, None, :, None] & valid_BxL[:, None, None, :]
-  length = valid_BxL.shape[1]
-  masks = fixed_lib.slice_masks(masks, length) or (None,) * bert_config.num_hidden_layers
+  masks = masks or (None,) * bert_config.num_hidden_layers
   out = []
   for i, m in enumerate(masks):
     if bert_config.layer_heads(i) == 0:
@@ -123,8 +130,9 @@ def _density_sum(masks, gates, batch, bert_config):
     if m is None:
       d_B = jnp.ones_like(w_B)
     else:
-      m = jnp.asarray(m).reshape((-1, length, length))
-      kept_B = jnp.sum(m[None] & pairs_Bx1xLxL, axis=(1, 2, 3)) / m.shape[0]
+      m = jnp.asarray(m)
+      m = m.reshape((1,) * (4 - m.ndim) + m.shape) if m.ndim < 4 else m  # [B|1, H, L, L]
+      kept_B = jnp.sum(m & pairs_Bx1xLxL, axis=(1, 2, 3)) / m.shape[1]
       d_B = kept_B / jnp.maximum(jnp.sum(pairs_Bx1xLxL, axis=(1, 2, 3)), 1)
     if gates is not None and gates[i] is not None:
       d_B = d_B * jnp.mean(jnp.asarray(gates[i], jnp.float32))  # Closed heads keep nothing.
@@ -132,19 +140,18 @@ def _density_sum(masks, gates, batch, bert_config):
   return jnp.stack(out)
 
 
-def make_eval_step(module, task):
+def make_eval_step(module, task, sinks: tuple[int, ...] = ()):
   """Returns eval_step(params, batch, masks, gates) -> predictions and loss sums.
 
   `masks` / `gates` are the deterministic (frozen) structure: bool masks at the run's
-  maximum length, sliced here to the batch's length.
+  maximum length, sliced here to the batch's length; `sinks` as in `make_train_step`.
   """
   kind = task.kind
 
   def eval_step(params, batch, masks, gates):
-    length = batch["input_ids"].shape[1]
+    masks = _batch_masks(masks, batch, sinks)
     logits, _ = module.apply({"params": params["model"]}, *_model_inputs(batch),
-                             masks=fixed_lib.slice_masks(masks, length), gates=gates,
-                             deterministic=True)
+                             masks=masks, gates=gates, deterministic=True)
     total, count = task_loss(kind, logits, batch)
     if kind in ("token_classification", "mlm"):
       weights = batch["label_mask"].astype(jnp.float32) * batch["weights"][:, None]

@@ -19,7 +19,8 @@ VARIANTS = {
                     "pattern=bigbird,kw.window=2,kw.global_tokens=1,kw.random_keys=2,"
                     "kw.seed=0,start=2"],
     "dam.py": ["", "runlocal", "method=dam_u", "official", "lam=1e-3", "target=0.1",
-               "per_layer", "block=16", "nodiag", "global=0", "task=shakespeare"],
+               "per_layer", "block=16", "nodiag", "global=0", "task=shakespeare",
+               "sep,target=0.11"],
     "prune.py": ["", "runlocal", "unit=head", "keep_ln", "prune=0.5"],
     "window.py": ["", "runlocal", "beta=3", "soft", "start=0", "global=0", "notarget",
                   "target=0.3", "bigbird,runlocal"],

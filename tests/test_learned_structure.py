@@ -91,3 +91,38 @@ def test_learned_window_run(tmp_path):
   assert m["density/layer_0"] == 1.0 and m["density/layer_1"] < 1.0
   meta = json.loads((tmp_path / "w" / "masks" / "metadata.json").read_text())
   assert meta["method"] == "learned_window"
+
+
+def test_sink_tokens_are_kept_for_every_query(tmp_path):
+  """masks.sink_tokens: each query also attends to its example's [SEP], in training and
+  evaluation, and the reported density counts those links."""
+  from sparse_attn import data, fixed_masks
+  base = {"masks.source": "pattern", "masks.pattern": "window", "masks.kwargs": {"k": 0},
+          "train.num_steps": 2}
+  c = _tiny.tiny_config(base)
+  plain = train.train_and_evaluate(c, str(tmp_path / "plain"))["validation"]
+  sunk = train.train_and_evaluate(_tiny.tiny_config(dict(base, **{
+      "masks.sink_tokens": ("[SEP]",)})), str(tmp_path / "sink"))["validation"]
+  # Diagonal only vs diagonal + the [SEP] column: per example 1/n vs (2n - 1)/n^2.
+  ds = data.build_dataset(c.data, "validation")
+  n = np.minimum(ds.lengths, c.data.max_len).astype(np.float64)
+  np.testing.assert_allclose(plain["density/layer_0"], np.mean(1 / n), rtol=1e-5)
+  np.testing.assert_allclose(sunk["density/layer_0"], np.mean((2 * n - 1) / n**2), rtol=1e-5)
+  meta = json.loads((tmp_path / "sink" / "masks" / "metadata.json").read_text())
+  assert meta["sink_tokens"] == ["[SEP]"]
+  tok = data.load_tokenizer("")
+  with pytest.raises(ValueError, match="not a token of the vocabulary"):
+    fixed_masks.resolve_sinks(("[NOPE]",), tok)
+
+
+def test_add_sinks_on_bool_float_and_dense_layers():
+  from sparse_attn import fixed_masks
+  ids = jax.numpy.asarray([[101, 7, 102, 0], [101, 102, 0, 0]])
+  eye = np.eye(4, dtype=bool)[None]
+  soft = np.full((2, 4, 4), 0.25, np.float32)
+  out = fixed_masks.add_sinks((eye, soft, None), ids, (102,))
+  assert out[2] is None and out[0].shape == (2, 1, 4, 4) and out[1].shape == (2, 2, 4, 4)
+  sink = (np.asarray(ids) == 102)[:, None, None, :]
+  np.testing.assert_array_equal(out[0], eye[None] | sink)
+  np.testing.assert_allclose(out[1], np.broadcast_to(np.maximum(0.25, sink), (2, 2, 4, 4)))
+  assert fixed_masks.add_sinks((eye,), ids, ()) == (eye,)
