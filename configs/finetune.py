@@ -1,6 +1,6 @@
 """Fine-tune the pretrained MiniLM on the offline Rotten Tomatoes sentiment data (dense).
 
-Command (CPU, 2 cores: about 3 minutes; dev accuracy about 0.80-0.83):
+Command (CPU, 2 cores: about 4 minutes; dev accuracy about 0.81, see docs/results.md):
   python train.py --config configs/finetune.py --workdir runs/finetune
 Variants (one string argument, comma-separated):
   runlocal         a few steps on a few examples: a smoke test in seconds.

@@ -464,6 +464,9 @@ def main(argv=None) -> dict:
   p.add_argument("--windows", default="32,64,128,256,512", help="band half-widths")
   p.add_argument("--block-size", type=int, default=0,
                  help="block size for the attention section (0 = the auto chooser's)")
+  p.add_argument("--keep-layers", default="",
+                 help="pruned section: layers that keep attention, e.g. 4,5 (the layers a "
+                      "self-pruning run kept; default: 0, i.e. 5 of MiniLM's 6 removed)")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--torch", action="store_true", help="also run the PyTorch section")
   p.add_argument("--torch-threads", type=int, default=2)
@@ -502,6 +505,12 @@ def main(argv=None) -> dict:
     minilm = pretrained.config_from_hf(hf, hidden_dropout_prob=0.0,
                                        attention_probs_dropout_prob=0.0)
     lb, keep = [(128, 32), (512, 8)], (0,)
+  if args.keep_layers:
+    keep = tuple(int(x) for x in args.keep_layers.split(","))
+    bad = [i for i in keep if not 0 <= i < minilm.num_hidden_layers]
+    if bad:
+      raise SystemExit(f"--keep-layers {bad} outside the model's "
+                       f"{minilm.num_hidden_layers} layers.")
   if "attention" in sections:
     if args.quick:
       res["attention"] = bench_attention([128], [16], 1, 2, 16, 32, 1)

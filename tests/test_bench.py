@@ -53,3 +53,8 @@ def test_model_flops_by_hand():
   pruned = model_lib.BertConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=16, heads_per_layer=(2, 0))
   assert bench.model_flops(pruned, b, length) < bench.model_flops(cfg, b, length)
+
+
+def test_keep_layers_outside_the_model_is_an_error(tmp_path):
+  with pytest.raises(SystemExit, match="outside the model"):
+    bench.main(["--out", str(tmp_path), "--quick", "--only", "pruned", "--keep-layers", "5"])
