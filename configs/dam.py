@@ -12,8 +12,10 @@ against ~0.81 for the dense run of configs/finetune.py; see docs/results.md):
 Variants (comma-separated argument):
   method=dam_s|dam_u     structured (per diagonal offset) or unstructured (per position).
   official               the han-shi/SparseBERT code's settings: DAM_s per head shared by
-                         all layers, hard Gumbel-sigmoid at tau=1, lambda * ||M||_1, noisy
-                         evaluation.
+                         all layers, hard Gumbel-sigmoid at tau=1, lambda * ||M||_1.
+                         (The code also samples noisy masks at evaluation; the preset sets
+                         stochastic_eval, but train.py evaluates, checkpoints and exports
+                         the deterministic sigmoid(alpha) > 0.5 mask.)
   lam=X                  weight of the plain penalty lam * (mask density over valid
                          pairs), instead of the target (sweep e.g. 0.03 .. 3, higher =
                          sparser); the evaluation mask is then sigmoid(alpha) > 0.5.

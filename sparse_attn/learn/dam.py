@@ -40,9 +40,11 @@ Conventions of this module:
     (`masks.stats.pair_weights` of the example lengths), so target_density=0.25 asks for
     75% sparsity as evaluation measures it. With short sentences in a long max_len, the
     matrix density of a band is several times lower than its valid-pair density.
-  * Evaluation (train=False) is deterministic unless stochastic_eval: "threshold" keeps
+  * `sample(train=False)` is deterministic unless stochastic_eval (which only affects
+    callers of `sample`: the trainer evaluates `freeze`'s masks, always deterministic, so
+    that evaluation, checkpoints and exports agree). "threshold" keeps
     sigmoid(alpha) > 0.5; "topk" keeps the highest logits until each instance's element
-    density is closest to target_density (exact up to one logit's element count: 1 for
+    density (see density_over) is closest to target_density (exact up to one logit's share: 1 for
     element DAM_u, c_d for a DAM_s offset, a block's size with block_size > 0).
   * keep_diagonal=False forces M[h, i, i] = 0 (SparseBERT's "no diagonal" finding); the
     diagonal then counts as dropped in every density and gets no gradient.
