@@ -17,9 +17,10 @@ Variants (comma-separated argument):
   beta=X       penalty weight (default 1 with a target); beta=X without a target:
                plain penalty beta * density (higher = sparser), for a trade-off sweep.
   notarget     no target: the plain penalty.
-  bigbird      the matched BigBird mask instead of learned windows: its window, random-key
-               count and seed are chosen so that its density over the training data's valid
-               pairs is closest to D (building it reads and tokenises the training split).
+  bigbird      the matched BigBird mask instead of learned windows: its window and
+               random-key count (seed 0) are chosen so that its density over the training
+               data's valid pairs is closest to D (building it reads and tokenises the
+               training split, with this file's data settings).
   start=K      learned (or BigBird) layers K..5.
   soft         soft-window relaxation instead of the Gumbel-softmax.
   global=G     global tokens (default 1: [CLS]).

@@ -172,14 +172,27 @@ def _check_keys(given: dict, schema: dict, prefix: str) -> None:
     _check_keys(value, schema[key], path + ".")
 
 
+def _fill_defaults(given: dict, defaults: dict, prefix: str) -> None:
+  """Adds the keys `given` lacks from `defaults`, recursively (not into free-form dicts)."""
+  for key, default in defaults.items():
+    path = f"{prefix}{key}"
+    if key not in given:
+      given[key] = default
+    elif (isinstance(default, dict) and isinstance(given[key], dict)
+          and tuple(path.split(".")) not in _FREE_FORM):
+      _fill_defaults(given[key], default, path + ".")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks every key against the schema; fills the structure method's defaults.
+  """Checks every key against the schema; fills missing keys with their defaults.
 
   Args:
-    config: an experiment config (from a `configs/*.py` file, after flag overrides).
+    config: an experiment config (from a `configs/*.py` file, after flag overrides), or
+      the config saved with a run, possibly by an older version without some keys.
 
   Returns:
-    The config with `data` and `structure` completed with their defaults.
+    The config with every section completed with its defaults (`structure` with its
+    method's).
 
   Raises:
     ValueError: an unknown key anywhere (the message lists the close valid ones), or an
@@ -193,6 +206,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   schema["structure"] = method_defaults.to_dict()
   schema["model"] = {f: None for f in model_lib.BertConfig.__dataclass_fields__}
   _check_keys(given, schema, "")
+  _fill_defaults(given, {k: v for k, v in base_config().to_dict().items()
+                         if k not in ("data", "structure")}, "")
   out = ml_collections.ConfigDict(given)
   out.data = data_lib.with_defaults(given.get("data", {}))
   merged = method_defaults

@@ -65,6 +65,13 @@ def build(masks_cfg, bert_config, max_len: int) -> tuple | None:
       m = patterns.remove_diagonal(m)
     return _on_layers(m, masks_cfg, n_layers)
   per_layer, meta = load_exported(source)
+  saved_sinks = list(meta.get("sink_tokens", []))
+  if saved_sinks != list(masks_cfg.get("sink_tokens", ()) or ()):
+    raise ValueError(
+        f"The masks in {source} were learned with sink tokens {saved_sinks} (links to "
+        "those tokens are not stored in the position masks), but this run has "
+        f"masks.sink_tokens={list(masks_cfg.get('sink_tokens', ()) or ())}. Set "
+        f"masks.sink_tokens={tuple(saved_sinks)} to reuse them as learned.")
   if len(per_layer) != n_layers:
     raise ValueError(f"Masks in {source} are for {len(per_layer)} layers (metadata "
                      f"num_layers) but the model has {n_layers}.")
@@ -175,7 +182,8 @@ def add_sinks(masks, input_ids_BxL, sink_ids: tuple[int, ...]):
 
   Returns:
     The tuple with masked leaves [B, H|1, L, L]: bool masks OR-ed with the sink columns,
-    float masks maxed with them; dense layers stay None.
+    float masks set to 1 there (so those entries pass no gradient to the mask); dense
+    layers stay None.
   """
   if masks is None or not sink_ids:
     return masks
@@ -188,7 +196,7 @@ def add_sinks(masks, input_ids_BxL, sink_ids: tuple[int, ...]):
     m = m.reshape((1,) * (4 - m.ndim) + m.shape) if m.ndim < 4 else m
     if m.dtype == jnp.bool_:
       return m | sink_Bx1x1xL
-    return jnp.maximum(m, sink_Bx1x1xL.astype(m.dtype))
+    return jnp.where(sink_Bx1x1xL, jnp.ones((), m.dtype), m)  # No gradient at sinks.
   return tuple(add(m) for m in masks)
 
 

@@ -84,6 +84,22 @@ def test_validate_accepts_a_config_saved_in_a_checkpoint():
   assert list(out.mesh.shape) == [-1, 1] and out.model.hidden_size == 32
 
 
+def test_validate_fills_keys_that_an_older_saved_config_lacks():
+  """A run saved before a key existed still restores: the key gets its default."""
+  import json
+  saved = json.loads(json.dumps(_tiny.tiny_config().to_dict()))
+  del saved["train"]["compilation_cache"], saved["masks"]["sink_tokens"]
+  del saved["data"]["length_grouping"], saved["export"]
+  saved["masks"]["kwargs"] = {"k": 2}
+  out = config_lib.validate(ml_collections.ConfigDict(saved))
+  base = config_lib.base_config()
+  assert out.train.compilation_cache == base.train.compilation_cache
+  assert tuple(out.masks.sink_tokens) == () and out.data.length_grouping == 0
+  assert out.export.to_dict() == base.export.to_dict()
+  assert out.masks.kwargs.to_dict() == {"k": 2}  # Free-form: nothing added.
+  assert out.model.hidden_size == 32
+
+
 @pytest.mark.parametrize("arg", ["", "runlocal", "task=wnut16", "runlocal,task=glue/mrpc"])
 def test_shipped_experiment_config_validates(arg):
   import importlib.util

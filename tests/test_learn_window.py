@@ -341,6 +341,11 @@ def test_target_density_pulls_the_expected_density_to_the_target(relaxation):
     g = jax.grad(pen)(params)
     params = jax.tree_util.tree_map(lambda p, d: p - 5.0 * d, params, g)
   assert abs(float(gap(params))) < 0.1
+  if relaxation == "gumbel_softmax":  # Frozen widths: the valid-pair density is recorded.
+    frozen = s.freeze(params)
+    got = frozen.metadata["valid_pair_densities"]["layer_0"]
+    np.testing.assert_allclose(got, [(frozen.masks[0][0] * stats.pair_weights(lengths, N))
+                                     .sum()], rtol=1e-6)
   with pytest.raises(ValueError, match="lengths=dataset.lengths"):
     window.make_structure(_cfg(density_over="data"), _bert(), N)
   with pytest.raises(ValueError, match="target_density"):

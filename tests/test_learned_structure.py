@@ -110,6 +110,14 @@ def test_sink_tokens_are_kept_for_every_query(tmp_path):
   np.testing.assert_allclose(sunk["density/layer_0"], np.mean((2 * n - 1) / n**2), rtol=1e-5)
   meta = json.loads((tmp_path / "sink" / "masks" / "metadata.json").read_text())
   assert meta["sink_tokens"] == ["[SEP]"]
+  # Reusing those masks without the same sinks would silently change them: an error.
+  bert = train.build_model(c, data.get_task(c.data))[0]
+  reuse = c.masks.copy_and_resolve_references()
+  reuse.update(source=str(tmp_path / "sink" / "masks"), pattern="", kwargs={})
+  with pytest.raises(ValueError, match="learned with sink tokens"):
+    fixed_masks.build(reuse, bert, c.data.max_len)
+  reuse.sink_tokens = ("[SEP]",)
+  assert fixed_masks.build(reuse, bert, c.data.max_len) is not None
   tok = data.load_tokenizer("")
   with pytest.raises(ValueError, match="not a token of the vocabulary"):
     fixed_masks.resolve_sinks(("[NOPE]",), tok)

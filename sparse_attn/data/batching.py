@@ -105,6 +105,7 @@ class Dataset:
       raise ValueError(f"length_grouping must be >= 0 (0 = off), got {length_grouping}.")
     self.length_grouping = int(length_grouping)
     self._order = (None, None)  # ((seed, epoch, B), order) of the last epoch used.
+    self._by_length = None  # Evaluation order under length grouping.
 
   def __len__(self) -> int:
     return len(self.encoded)
@@ -147,7 +148,9 @@ class Dataset:
                        if self.length_grouping else epoch_permutation(len(self), *key))
       order = self._order[1]
     elif self.length_grouping:  # Evaluation in length order: short batches pad less.
-      pos, order = step, np.argsort(self.lengths, kind="stable")
+      if self._by_length is None:
+        self._by_length = np.argsort(self.lengths, kind="stable")
+      pos, order = step, self._by_length
     else:
       pos, order = step, np.arange(len(self))
     idx = order[pos * batch_size:(pos + 1) * batch_size]

@@ -29,7 +29,9 @@ Keys (defaults in brackets):
                          from the command line as --config.data.buckets="(16,32)".
   length_grouping [0]    training batches come from length-sorted pools of this many
                          batches (then shuffled), so each pads to a short bucket; evaluation
-                         runs in length order. 0 = plain random batches, file-order eval.
+                         runs in length order (so train.max_eval_batches would score the
+                         shortest examples: use max_eval_examples for a quick, unbiased
+                         subset). 0 = plain random batches, file-order eval.
                          Pair it with several buckets, e.g. [16, 32, 48].
   seed [0]               seed of the training order and of MLM masking. A batch is a pure
                          function of (seed, step).

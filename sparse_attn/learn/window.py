@@ -533,7 +533,7 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
                         penalty=penalty, metrics=metrics)
 
   def freeze(params):
-    masks, widths, densities = [None] * num_layers, {}, {}
+    masks, widths, densities, pair_densities = [None] * num_layers, {}, {}, {}
     for i in c["layers"]:
       p = np.asarray(params[f"layer_{i}"], np.float32)
       if gumbel:
@@ -545,6 +545,9 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
       per = [float(x) for x in m.mean(axis=(-2, -1))]
       widths[f"layer_{i}"] = ([int(x) for x in w_H] if c["per_head"] else int(w_H[0]))
       densities[f"layer_{i}"] = per if c["per_head"] else per[0]
+      if pairs_NxN is not None:  # The density evaluation reports (valid pairs).
+        pv = [float(x) for x in (m * pairs_NxN).sum(axis=(-2, -1))]
+        pair_densities[f"layer_{i}"] = pv if c["per_head"] else pv[0]
     layer_density = [1.0 if masks[i] is None else float(masks[i].mean())
                      for i in range(num_layers)]
     metadata = {
@@ -553,8 +556,10 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
                           "reconstruction; the paper's exact algorithm is not public)",
         "relaxation": c["relaxation"], "seq_len": n, "per_head": bool(c["per_head"]),
         "layers": list(c["layers"]), "widths": widths, "densities": densities,
-        "density": float(np.mean(layer_density)), "density_over": c["density_over"],
+        "density": float(np.mean(layer_density)),  # densities / density: n x n matrix.
+        "density_over": c["density_over"],
         "target_density": c["target_density"],
+        **({"valid_pair_densities": pair_densities} if pairs_NxN is not None else {}),
         "global_tokens": int(c["global_tokens"]), "random_keys": int(c["random_keys"]),
         "random_seed": int(c["random_seed"]), "include_self": bool(c["include_self"]),
     }
