@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable
 
 import jax
@@ -349,7 +350,8 @@ def _to_blocks(x_BxLxHxD: Array, nb: int, b: int) -> Array:
 def attend(plan: Plan, query: Array, key: Array, value: Array, *,
            gmasks: tuple[Array | None, ...] | None = None, key_valid: Array | None = None,
            dropout_rng: Array | None = None, dropout_rate: float = 0.0,
-           head_loop: bool | None = None, heads_per_step: int = 2) -> Array:
+           head_loop: bool | None = None, heads_per_step: int = 2,
+           loops: int | None = None) -> Array:
   """Block-sparse attention over a plan's tiles.
 
   Args:
@@ -362,6 +364,9 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
       scores in cache; default: when the layout is shared by the batch.
     heads_per_step: heads per loop step (independent ops that XLA can run on
       different cores); 1 if it does not divide H.
+    loops: split the heads over this many independent loops, which XLA's CPU runtime
+      runs concurrently (one per core); default: the host's cores, at most H / (heads
+      per step), lowered until it divides that.
 
   Returns:
     [B, Q, H, D] attention output in the dtype of `query`.
@@ -424,12 +429,30 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
       return jnp.stack([one_head(jax.tree_util.tree_map(lambda a, j=j: a[j], x))
                         for j in range(hp)])
 
-    o = jax.lax.map(step, xs)                              # [H / hp, hp, B, NQ, b, D]
+    steps = h // hp
+    n_loops = _num_loops(loops, steps)
+    per = steps // n_loops
+    parts = [jax.lax.map(step, jax.tree_util.tree_map(lambda a, i=i: a[i * per:(i + 1) * per],
+                                                      xs))
+             for i in range(n_loops)]                      # Independent: run concurrently.
+    o = parts[0] if n_loops == 1 else jnp.concatenate(parts)  # [H / hp, hp, B, NQ, b, D]
     o = jnp.moveaxis(o.reshape((h,) + o.shape[2:]), 0, 1)  # [B, H, NQ, b, D]
   else:
     o = _attend(plan, rate, q, k, v, gmasks, gidx, kvalid, rng)
   o = jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(bsz, nq * b, h, depth)
   return o[:, :q_len].astype(query.dtype)
+
+
+def _num_loops(loops: int | None, steps: int) -> int:
+  """Independent head loops: `loops` (default: host cores), at most `steps`, dividing it."""
+  if not loops:
+    loops = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+  n = loops
+  n = max(1, min(n, steps))
+  while steps % n:
+    n -= 1
+  return n
 
 
 # ---- the mask object the model and the attention seam accept ------------------------

@@ -180,15 +180,25 @@ def test_unsupported_inputs_raise_helpful_errors():
                              attention.dot_product_attention(q, k, v), atol=1e-6)
 
 
-@pytest.mark.parametrize("head_loop", [False, True])
-def test_head_loop_on_and_off_agree_with_dense(head_loop):
+@pytest.mark.parametrize("head_loop, per_step, loops", [
+    (False, 2, None), (True, 2, None), (True, 1, 1), (True, 1, 2), (True, 2, 2),
+    (True, 1, 3)])  # 3 loops do not divide the heads: fewer are used.
+def test_head_loop_on_and_off_agree_with_dense(head_loop, per_step, loops):
   mask = np.random.default_rng(8).random((H, L, L)) < 0.15    # Per-head layout.
   q, k, v, w = _qkv(8)
   obj = blocksparse.BlockSparseMask.from_mask(mask, 16)
   kv = _kv([L, 36])
-  f = lambda q, k, v: jnp.sum(blocksparse.attend(obj.plan, q, k, v, key_valid=kv,
-                                                 head_loop=head_loop) * w)
+  f = lambda q, k, v: jnp.sum(blocksparse.attend(
+      obj.plan, q, k, v, key_valid=kv, head_loop=head_loop, heads_per_step=per_step,
+      loops=loops) * w)
   ref = lambda q, k, v: jnp.sum(attention.dot_product_attention(
       q, k, v, mask=jnp.asarray(mask), key_valid=kv) * w)
+  np.testing.assert_allclose(f(q, k, v), ref(q, k, v), rtol=1e-5)
   for a, b in zip(jax.jit(jax.grad(f, (0, 1, 2)))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(a, b, atol=5e-6)
+
+
+def test_number_of_head_loops():
+  assert blocksparse._num_loops(2, 4) == 2 and blocksparse._num_loops(3, 4) == 2
+  assert blocksparse._num_loops(8, 6) == 6 and blocksparse._num_loops(5, 5) == 5
+  assert blocksparse._num_loops(1, 4) == 1 and blocksparse._num_loops(None, 1) == 1
