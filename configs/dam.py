@@ -35,6 +35,8 @@ Variants (comma-separated argument):
   nodiag                 force the diagonal off (SparseBERT's diagonal finding).
   task=shakespeare       DAM during masked-LM training on the offline Shakespeare text.
   steps=N                training steps (default 150).
+  teacher=DIR            distil from a finished run (e.g. the dense configs/finetune.py
+                         run): loss (1 - alpha) CE + alpha T^2 KL; alpha=A (0.5), kd_temp=T (2).
   masks=DIR              fine-tune with fixed masks exported by a previous run (second
                          phase of the SparseBERT recipe: search, then train frozen).
   runlocal               a smoke test in seconds.

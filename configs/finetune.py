@@ -11,6 +11,7 @@ Variants (one string argument, comma-separated):
                    pattern=window,kw.k=4 (kw.NAME=VALUE are the builder's arguments),
                    pattern=sparsebert_bigbird.
   start=K          apply the mask to layers K.. only (dense below).
+  teacher=DIR      distil from a finished run (alpha=A, kd_temp=T; sparse_attn/distill.py).
 """
 
 from sparse_attn import config as config_lib

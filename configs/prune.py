@@ -12,7 +12,8 @@ Commands (CPU, 2 cores: a few minutes each):
   python eval.py --workdir runs/pruned
 Expected: 4 of 6 attention sublayers removed; dev accuracy within ~1 point of dense.
 Variants: prune=F (fraction of sublayers to remove, default 0.67), unit=head,
-keep_ln (a pruned layer keeps its attention LayerNorm: LN(x) instead of x), runlocal.
+keep_ln (a pruned layer keeps its attention LayerNorm: LN(x) instead of x),
+teacher=DIR (distil from a finished run, e.g. the dense one; alpha=A, kd_temp=T), runlocal.
 """
 
 from sparse_attn import config as config_lib

@@ -21,6 +21,9 @@ Sections:
                 wins) with their own learning rate / weight decay.
   train         batch size, steps or epochs, logging and evaluation cadence, seed.
   checkpoint    save cadence, how many to keep (latest and best by the dev metric).
+  distill       knowledge distillation: teacher = "" (off) or a finished run's workdir
+                (its latest checkpoint and frozen structure), alpha = weight of the
+                distillation loss, temperature (sparse_attn/distill.py).
   export        at the end of training, export the learned/fixed masks (and gates) to
                 <workdir>/masks (sparse_attn/export.py), FlexAttention tiles of block_size.
   mesh          (data, model) shape and logical-axis rules.
@@ -72,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
       compilation_cache="auto"))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=200, keep=2, keep_best=1, async_save=True))
+  c.distill = ml_collections.ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))
   c.export = ml_collections.ConfigDict(dict(masks=True, block_size=128))
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1), rules=[list(r) for r in sharding.DEFAULT_RULES]))
@@ -104,8 +108,14 @@ def number(text: str) -> int | float | str:
 def minilm_finetune(args: dict[str, str]) -> ml_collections.ConfigDict:
   """The shared setting of the fine-tuning experiments in configs/: MiniLM on offline
   Rotten Tomatoes, max length 64, batch 32, `steps=N` steps (default 150), lr 1e-4,
-  length-grouped batches padded to buckets 16/32/48/64 (35 tokens on average, not 64)."""
+  length-grouped batches padded to buckets 16/32/48/64 (35 tokens on average, not 64).
+  `teacher=DIR` distils from that finished run (e.g. the dense one), with `alpha=A`
+  (default 0.5) and `kd_temp=T` (default 2)."""
   c = base_config()
+  if "teacher" in args:
+    c.distill.teacher = args["teacher"]
+    c.distill.alpha = float(args.get("alpha", c.distill.alpha))
+    c.distill.temperature = float(args.get("kd_temp", c.distill.temperature))
   c.data.max_len = 64
   c.data.buckets = (16, 32, 48, 64)
   c.data.length_grouping = 50

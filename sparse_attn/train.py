@@ -79,23 +79,61 @@ def build_model(config, task) -> tuple[model_lib.BertConfig, nn.Module, Any]:
 def _extract_pruned(source: str, overrides: dict) -> tuple[model_lib.BertConfig, dict]:
   """The smaller model of a self-pruning run: (BertConfig, task params with "bert")."""
   from sparse_attn.learn import prune
+  src, state = _restore_run(source, "init_from='pruned:{}'")
+  frozen = src.frozen(state)
+  if frozen.gates is None:
+    raise ValueError(f"The run in {source} learned no gates (structure.method is "
+                     f"{src.config.structure.method!r}, not 'prune').")
+  params = jax.device_get(state.params["model"])
+  new_config, new_params = prune.extract_task(src.bert_config, params, frozen.gates)
+  keep = {k: v for k, v in overrides.items() if k != "heads_per_layer"}
+  return dataclasses.replace(new_config, **keep), new_params
+
+
+def _restore_run(source: str, role: str) -> tuple["Run", TrainState]:
+  """A finished run rebuilt from its saved config, and its latest state.
+
+  `role` names the option that asked for it in error messages ("{}" = the source).
+  """
   src_dir = pathlib.Path(source).absolute()
   ck = ckpt_lib.Checkpointer(src_dir / "checkpoints", async_save=False)
   saved = ck.restore_config()
   ck.close()
   if saved is None:
-    raise ckpt_lib.CheckpointError(f"init_from='pruned:{source}': no checkpoint with a "
-                                   "config there; run the pruning search first.")
+    raise ckpt_lib.CheckpointError(
+        f"{role.format(source)}: no checkpoint with a config in {src_dir}/checkpoints; "
+        "train that run first (or fix the path).")
   src = setup(ml_collections.ConfigDict(saved), src_dir, restore=True)
-  frozen = src.frozen(src.state)
   src.ckpt.close()
-  if frozen.gates is None:
-    raise ValueError(f"The run in {source} learned no gates (structure.method is "
-                     f"{saved.get('structure', {}).get('method')!r}, not 'prune').")
-  params = jax.device_get(src.state.params["model"])
-  new_config, new_params = prune.extract_task(src.bert_config, params, frozen.gates)
-  keep = {k: v for k, v in overrides.items() if k != "heads_per_layer"}
-  return dataclasses.replace(new_config, **keep), new_params
+  return src, src.state
+
+
+def load_teacher(config: ml_collections.ConfigDict, task) -> tuple[Any, Any]:
+  """The `distill.teacher` run as (distill.Teacher, its model params), or (None, None)."""
+  from sparse_attn import distill as distill_lib
+  d = config.distill
+  if not d.teacher:
+    return None, None
+  distill_lib.check_settings(float(d.alpha), float(d.temperature))
+  src, state = _restore_run(d.teacher, "distill.teacher={!r}")
+  if (src.task.kind, src.task.num_labels) != (task.kind, task.num_labels):
+    raise ValueError(
+        f"distill.teacher={d.teacher!r} was trained on task {src.config.data.task!r} "
+        f"({src.task.kind}, {src.task.num_labels} labels); this run trains "
+        f"{config.data.task!r} ({task.kind}, {task.num_labels} labels). Use a teacher of "
+        "the same task.")
+  if src.config.data.max_len < config.data.max_len:
+    raise ValueError(
+        f"distill.teacher={d.teacher!r} was built for sequences up to "
+        f"{src.config.data.max_len} tokens but this run uses data.max_len="
+        f"{config.data.max_len}; lower data.max_len or train a teacher at that length.")
+  frozen = src.frozen(state)
+  teacher = distill_lib.Teacher(module=src.module, masks=frozen.masks, gates=frozen.gates,
+                                sinks=src.sinks, alpha=float(d.alpha),
+                                temperature=float(d.temperature))
+  logging.info("Distilling from %s (step %d, alpha %.2f, T %.1f).", d.teacher,
+               int(state.step), d.alpha, d.temperature)
+  return teacher, state.params["model"]
 
 
 def _apply_heads_per_layer(params, bert_config):
@@ -404,9 +442,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config, ckpt, state = run.config, run.ckpt, run.state
   run.workdir.mkdir(parents=True, exist_ok=True)
   start, total_steps = int(state.step), run.total_steps
+  teacher, teacher_params = load_teacher(config, run.task)
   train_step = jax.jit(make_train_step(run.module, run.structure, run.fixed, run.tx, run.task,
-                                       config.masks.combine, run.sinks),
-                       in_shardings=(run.state_shardings, None),
+                                       config.masks.combine, run.sinks, teacher),
+                       in_shardings=(run.state_shardings, None, None),
                        out_shardings=(run.state_shardings, None), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(run.module, run.task, run.sinks))
   writer = observe.MetricWriter(run.workdir, total_steps)
@@ -445,7 +484,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    process_count=jax.process_count())
     for step in range(start, total_steps):
       batch = sharding.global_batch(next(batches), run.mesh)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, teacher_params)
       if pending is not None:
         s, m = check(pending)
         if s % config.train.log_every == 0 or s == start + 1:

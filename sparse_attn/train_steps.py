@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparse_attn import distill as distill_lib
 from sparse_attn import fixed_masks as fixed_lib
 
 
@@ -61,8 +62,8 @@ def _model_inputs(batch):
 
 
 def make_train_step(module, structure, fixed, tx, task, combine: str = "and",
-                    sinks: tuple[int, ...] = ()):
-  """Returns step(state, batch) -> (state, metrics); jit it with shardings.
+                    sinks: tuple[int, ...] = (), teacher: distill_lib.Teacher | None = None):
+  """Returns step(state, batch[, teacher_params]) -> (state, metrics); jit it with shardings.
 
   Args:
     module: the task model (a linen module returning (logits, aux)).
@@ -72,12 +73,20 @@ def make_train_step(module, structure, fixed, tx, task, combine: str = "and",
     task: the data Task (its `kind`).
     combine: how fixed and learned masks combine per layer ("and" | "or").
     sinks: token ids every query may attend to in masked layers (`fixed_masks.add_sinks`).
+    teacher: distil from this frozen model (`sparse_attn.distill`); the step then takes
+      the teacher's model params as its third argument.
   """
   kind = task.kind
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, teacher_params=None):
     rng = jax.random.fold_in(state.rng, state.step)
     r_drop, r_struct = jax.random.split(rng)
+    t_logits = None
+    if teacher is not None:
+      t_logits, _ = teacher.module.apply(
+          {"params": teacher_params}, *_model_inputs(batch),
+          masks=_batch_masks(teacher.masks, batch, teacher.sinks), gates=teacher.gates,
+          deterministic=True)
 
     def loss_fn(params):
       masks, gates, penalty, s_metrics = fixed, None, 0.0, {}
@@ -91,14 +100,20 @@ def make_train_step(module, structure, fixed, tx, task, combine: str = "and",
           rngs={"dropout": r_drop})
       total, count = task_loss(kind, logits, batch)
       loss = total / jnp.maximum(count, 1.0)
-      metrics = {"loss": loss, "task_loss": loss, "penalty": jnp.asarray(penalty),
+      metrics = {"task_loss": loss, "penalty": jnp.asarray(penalty),
                  "density": aux["density"], **s_metrics}
+      if teacher is not None:
+        d_total, d_count = distill_lib.distill_loss(kind, logits, t_logits, batch,
+                                                    teacher.temperature)
+        metrics["distill_loss"] = d_total / jnp.maximum(d_count, 1.0)
+        loss = (1.0 - teacher.alpha) * loss + teacher.alpha * metrics["distill_loss"]
+      metrics["objective"] = loss
       return loss + penalty, metrics
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["loss"] = metrics["task_loss"] + metrics["penalty"]
+    metrics["loss"] = metrics.pop("objective") + metrics["penalty"]
     metrics["grad_norm"] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

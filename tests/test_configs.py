@@ -20,8 +20,8 @@ VARIANTS = {
                     "kw.seed=0,start=2"],
     "dam.py": ["", "runlocal", "method=dam_u", "official", "lam=1e-3", "target=0.1",
                "per_layer", "block=16", "nodiag", "global=0", "task=shakespeare",
-               "sep,target=0.11"],
-    "prune.py": ["", "runlocal", "unit=head", "keep_ln", "prune=0.5"],
+               "sep,target=0.11", "teacher=runs/dense,alpha=0.7,kd_temp=3"],
+    "prune.py": ["", "runlocal", "unit=head", "keep_ln", "prune=0.5", "teacher=runs/dense"],
     "window.py": ["", "runlocal", "beta=3", "soft", "start=0", "global=0", "notarget",
                   "target=0.3", "bigbird,runlocal"],
 }
@@ -51,3 +51,10 @@ def test_config_variant_builds(name, arg):
               lengths=np.arange(2, c.data.max_len + 1))  # As if from the training data.
   if "runlocal" in arg:
     assert c.train.num_steps <= 10 and c.data.max_train_examples <= 128
+
+
+def test_teacher_argument_sets_the_distill_section():
+  c = config_lib.validate(_load("dam.py").get_config("teacher=runs/dense,alpha=0.7,kd_temp=3"))
+  assert (c.distill.teacher, c.distill.alpha, c.distill.temperature) == ("runs/dense", 0.7, 3.0)
+  c = config_lib.validate(_load("finetune.py").get_config(None))
+  assert c.distill.teacher == ""  # Off by default.

@@ -1,0 +1,76 @@
+"""Knowledge distillation from a finished run (e.g. the dense model) into a sparse student.
+
+The student's loss becomes (1 - alpha) * task loss + alpha * distillation loss, where the
+distillation loss follows Hinton et al. (2015): T^2 * KL(softmax(t / T) || softmax(s / T))
+per labelled item (sequence for classification, labelled token for token tasks and MLM),
+and the squared difference of the predictions for regression. The teacher runs in
+deterministic mode with its own frozen structure (masks, gates), so any finished run, dense
+or sparse, can teach. Config section `distill` (sparse_attn/config.py): teacher = a workdir,
+alpha, temperature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen model that the train step queries; its params travel as a step argument.
+
+  Attributes:
+    module: the teacher's task module (may differ in size or heads from the student's).
+    masks: its frozen mask pytree (per layer, [H, L, L] bool or None) or None.
+    gates: its frozen gates (per layer) or None.
+    sinks: its attention-sink token ids.
+    alpha: weight of the distillation loss in [0, 1].
+    temperature: softmax temperature T > 0.
+  """
+  module: Any
+  masks: Any
+  gates: Any
+  sinks: tuple[int, ...]
+  alpha: float
+  temperature: float
+
+
+def check_settings(alpha: float, temperature: float) -> None:
+  """Raises a ValueError naming the fix for alpha outside [0, 1] or temperature <= 0."""
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"distill.alpha must lie in [0, 1] (weight of the distillation loss); "
+                     f"got {alpha}.")
+  if not temperature > 0.0:
+    raise ValueError(f"distill.temperature must be > 0; got {temperature}.")
+
+
+def distill_loss(kind: str, student, teacher, batch, temperature: float
+                 ) -> tuple[jax.Array, jax.Array]:
+  """(sum of per-item distillation losses, number of items); filler rows weigh 0.
+
+  Args:
+    kind: "classification" | "regression" | "token_classification" | "mlm".
+    student: student logits [B, C] or [B, L, C] (regression: [B, 1]).
+    teacher: teacher logits of the same shape (no gradient flows into them).
+    batch: the batch dict (weights [B]; label_mask [B, L] for token tasks).
+    temperature: T; the KL term is scaled by T^2 so its gradients keep their size.
+  """
+  teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+  student = student.astype(jnp.float32)
+  w_B = batch["weights"].astype(jnp.float32)
+  if kind == "regression":
+    per = jnp.square(student[:, 0] - teacher[:, 0])
+    return jnp.sum(per * w_B), jnp.sum(w_B)
+  t = temperature
+  log_p_t = jax.nn.log_softmax(teacher / t, axis=-1)
+  log_p_s = jax.nn.log_softmax(student / t, axis=-1)
+  per = t * t * jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+  if kind == "classification":
+    return jnp.sum(per * w_B), jnp.sum(w_B)
+  if kind in ("token_classification", "mlm"):
+    w_BxL = batch["label_mask"].astype(jnp.float32) * w_B[:, None]
+    return jnp.sum(per * w_BxL), jnp.sum(w_BxL)
+  raise ValueError(f"Unknown task kind {kind!r}.")
