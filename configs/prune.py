@@ -12,6 +12,9 @@ Commands (CPU, 2 cores: a few minutes each):
   python eval.py --workdir runs/pruned
 Expected: 4 of 6 attention sublayers removed; dev accuracy within ~1 point of dense.
 Variants: prune=F (fraction of sublayers to remove, default 0.67), unit=head,
+shift (budget="shift": the budget is met exactly at every step by a common logit offset,
+so only the task gradient orders the gates), warm=W (with shift: open gates first, the
+kept fraction falls to the budget over W steps),
 keep_ln (a pruned layer keeps its attention LayerNorm: LN(x) instead of x),
 teacher=DIR (distil from a finished run, e.g. the dense one; alpha=A, kd_temp=T), runlocal.
 """
@@ -32,6 +35,9 @@ def get_config(arg: str | None = None):
     s.unit = args.get("unit", "layer")
     s.prune_fraction = float(args.get("prune", 0.67))
     s.beta = float(args.get("beta", 2.0))
+    if "shift" in args:
+      s.budget = "shift"
+      s.budget_warmup_steps = int(args.get("warm", 0))
     c.structure = s
   c.optimizer.groups = config_lib.structure_groups(float(args.get("gate_lr", 0.1)))
   if "runlocal" in args:

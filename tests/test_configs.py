@@ -21,7 +21,8 @@ VARIANTS = {
     "dam.py": ["", "runlocal", "method=dam_u", "official", "lam=1e-3", "target=0.1",
                "per_layer", "block=16", "nodiag", "global=0", "task=shakespeare",
                "sep,target=0.11", "teacher=runs/dense,alpha=0.7,kd_temp=3"],
-    "prune.py": ["", "runlocal", "unit=head", "keep_ln", "prune=0.5", "teacher=runs/dense"],
+    "prune.py": ["", "runlocal", "unit=head", "keep_ln", "prune=0.5", "teacher=runs/dense",
+                 "shift,warm=50"],
     "window.py": ["", "runlocal", "beta=3", "soft", "start=0", "global=0", "notarget",
                   "target=0.3", "bigbird,runlocal"],
 }

@@ -147,6 +147,50 @@ def test_gradients_reach_gate_logits_through_bert(params, unit, relaxation):
 # --- budget -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("unit, relaxation", [("layer", "hard_concrete"),
+                                               ("head", "gumbel_sigmoid")])
+def test_shift_budget_meets_the_kept_fraction_exactly_without_penalty(unit, relaxation):
+  s = prune.make_structure(_cfg(unit=unit, relaxation=relaxation, budget="shift",
+                                prune_fraction=0.75), _bert(), N)
+  p = jax.tree.map(lambda x: x + jax.random.normal(jax.random.key(1), jnp.shape(x)),
+                   s.init(jax.random.key(0)))
+  out = jax.jit(s.sample, static_argnums=3)(p, jax.random.key(2), 7, True)
+  assert float(out.metrics["prune/expected_kept"]) == pytest.approx(0.25, abs=1e-4)
+  assert float(out.penalty) == 0.0
+
+
+def test_shift_budget_warmup_opens_every_gate_first():
+  s = prune.make_structure(_cfg(budget="shift", prune_fraction=0.5, budget_warmup_steps=10),
+                           _bert(), N)
+  p = s.init(jax.random.key(0))
+  kept = lambda step: float(s.sample(p, jax.random.key(3), step, True)
+                            .metrics["prune/expected_kept"])
+  assert kept(0) == pytest.approx(1.0, abs=1e-4)
+  assert kept(5) == pytest.approx(0.75, abs=1e-4)
+  assert kept(10) == pytest.approx(0.5, abs=1e-4) and kept(50) == pytest.approx(0.5, abs=1e-4)
+
+
+def test_shift_budget_gradient_orders_logits_by_the_task_alone():
+  """Only the task gradient reaches theta: a loss that wants layer 2's gate open raises it
+  relative to the rest, and the common offset carries no gradient."""
+  s = prune.make_structure(_cfg(budget="shift", prune_fraction=0.5,
+                                relaxation="gumbel_sigmoid", hard=False), _bert(), N)
+  p = s.init(jax.random.key(0))
+  loss = lambda q: -s.sample(q, jax.random.key(4), 0, True).gates[2]
+  g = jax.grad(loss)(p)
+  assert float(g["layer_2"]) < 0
+  assert all(float(g[f"layer_{i}"]) == 0 for i in (0, 1, 3))
+
+
+def test_budget_shift_solves_the_mean():
+  theta = jnp.array([[3.0, -1.0], [0.5, 9.0]])
+  valid = np.array([[True, True], [True, False]])
+  c = prune.budget_shift(theta, valid, 0.4, jax.nn.sigmoid)
+  got = jnp.sum(jax.nn.sigmoid(theta + c) * valid) / 3
+  assert float(got) == pytest.approx(0.4, abs=1e-5)
+
+
+
 @pytest.mark.parametrize("units, frac, kept", [
     (12, 0.8, 2),    # 9.6 -> prune 10 (nearest).
     (12, 0.75, 3),
@@ -220,6 +264,9 @@ def test_no_budget_keeps_positive_logits_and_at_least_one():
 @pytest.mark.parametrize("kw, match", [
     ({"keep_layernorm": True}, "pruned_keep_layernorm"),
     ({"beta": -1.0}, "beta"),
+    ({"budget": "lagrange"}, "budget"),
+    ({"budget": "shift", "prune_fraction": None}, "prune_fraction"),
+    ({"budget_warmup_steps": -2}, "budget_warmup_steps"),
     ({"temperature": 0.0}, "temperature"),
     ({"prune_fraction": 1.2}, "prune_fraction"),
     ({"min_layers_kept": 5}, "min_layers_kept"),

@@ -12,8 +12,17 @@ every head (unit="head", beyond the paper) owns a logit theta and a stochastic g
   * "gumbel_sigmoid": z = sigmoid((logit u + theta) / tau); P(z > 1/2) = sigmoid(theta).
 
 With `hard` the forward gate is exactly {0, 1} (z > 1/2), with the straight-through gradient
-of z. The penalty is beta * |E[kept fraction] - (1 - prune_fraction)| with a budget, or
-beta * E[kept fraction] (plain L0 pressure) with prune_fraction None.
+of z. How the budget is imposed (`budget`):
+
+  * "penalty": beta * |E[kept fraction] - (1 - prune_fraction)|, or beta * E[kept fraction]
+    (plain L0 pressure) with prune_fraction None. Under Adam every logit then drifts at
+    about the same rate, so the logits separate only where the task gradient is strong.
+  * "shift": no penalty; the gates are sampled at theta + c, with the scalar c (no
+    gradient) solved by bisection so that E[kept fraction] equals the budget exactly at
+    every step. The budget is met from the first step, and only the task gradient orders
+    the logits (the frozen top-k is invariant to c). `budget_warmup_steps` W moves the
+    kept fraction from 1 to the budget linearly over W steps (so the model first trains
+    with every gate open). Needs a prune_fraction.
 
 Budget and rounding: of U gated units (layers with attention, or their heads), `freeze`
 keeps exactly the k with the largest logits (ties: lower index), where
@@ -48,6 +57,7 @@ from sparse_attn import learn
 Array = jax.Array
 
 UNITS = ("layer", "head")
+BUDGETS = ("penalty", "shift")
 RELAXATIONS = ("hard_concrete", "gumbel_sigmoid")
 _DEFAULT_TEMPERATURE = {"hard_concrete": 2.0 / 3.0, "gumbel_sigmoid": 1.0}
 
@@ -62,7 +72,10 @@ def default_config() -> ml_collections.ConfigDict:
       temperature: None = the relaxation's default (2/3 hard_concrete, 1.0 gumbel_sigmoid).
       limits: hard-concrete stretch interval (gamma, zeta), gamma < 0 and zeta > 1.
       hard: straight-through {0, 1} gates in the forward pass (True) or the relaxed gate.
-      beta: penalty weight (>= 0).
+      budget: "penalty" or "shift" (see the module docstring).
+      budget_warmup_steps: "shift" only: steps over which the kept fraction falls from 1
+        to the budget (0 = the budget from the start).
+      beta: penalty weight (>= 0; "penalty" only).
       prune_fraction: target fraction of units to prune (0.8 = "prune 80% of attention
         sublayers"), or None for a plain L0 penalty and a theta > 0 keep rule.
       keep_layernorm: what a pruned layer computes; must equal
@@ -77,6 +90,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.temperature = None
   c.limits = (-0.1, 1.1)
   c.hard = True
+  c.budget = "penalty"
+  c.budget_warmup_steps = 0
   c.beta = 1.0
   c.prune_fraction = 0.8
   c.keep_layernorm = None
@@ -126,6 +141,35 @@ def straight_through(z: Array) -> Array:
   """Forward exactly (z > 1/2) in {0, 1}; gradient of z."""
   hard = (z > 0.5).astype(z.dtype)
   return hard + (z - jax.lax.stop_gradient(z))  # hard + 0 exactly in the forward pass.
+
+
+def budget_shift(theta: Array, valid: Array, target: Array, keep_prob_fn,
+                 iters: int = 40) -> Array:
+  """c with mean over valid units of keep_prob_fn(theta + c) = target (bisection, no grad).
+
+  Args:
+    theta: logits, any shape; valid: bool of the same shape (False = padding).
+    target: kept fraction in (0, 1]; keep_prob_fn: monotone theta -> P(keep).
+    iters: bisection steps on c in [-60 - max theta, 60 - min theta].
+
+  Returns:
+    Scalar c (stop_gradient).
+  """
+  theta = jax.lax.stop_gradient(jnp.asarray(theta, jnp.float32))
+  valid = jnp.asarray(valid, jnp.float32)
+  n = jnp.maximum(jnp.sum(valid), 1.0)
+  big = jnp.where(valid > 0, theta, 0.0)
+  lo = -60.0 - jnp.max(big)
+  hi = 60.0 - jnp.min(big)
+
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    mean = jnp.sum(keep_prob_fn(theta + mid) * valid) / n
+    return jnp.where(mean < target, mid, lo), jnp.where(mean < target, hi, mid)
+
+  lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
+  return jax.lax.stop_gradient(0.5 * (lo + hi))
 
 
 def kept_count(num_units: int, prune_fraction: float) -> int:
@@ -183,6 +227,14 @@ def resolve_config(structure_config: Any, bert_config: Any) -> dict[str, Any]:
   c = {**defaults, **given}
   if c["unit"] not in UNITS:
     raise ValueError(f"Unknown unit {c['unit']!r}; use one of {UNITS}.")
+  if c["budget"] not in BUDGETS:
+    raise ValueError(f"Unknown budget {c['budget']!r}; use one of {BUDGETS}.")
+  if c["budget"] == "shift" and c["prune_fraction"] is None:
+    raise ValueError("budget='shift' meets a prune_fraction exactly; set prune_fraction "
+                     "(e.g. 0.67) or use budget='penalty' for plain L0 pressure.")
+  w = c["budget_warmup_steps"]
+  if int(w) != w or w < 0:
+    raise ValueError(f"budget_warmup_steps must be an integer >= 0; got {w!r}.")
   if c["relaxation"] not in RELAXATIONS:
     raise ValueError(f"Unknown relaxation {c['relaxation']!r}; use one of {RELAXATIONS}.")
   if c["temperature"] is None:
@@ -270,12 +322,25 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
   def frozen_keep(params):
     return select_top(padded(params), valid_LxH, c["k"], c["min_rows"], c["unit"])
 
+  def shift(params, step):
+    """The budget's common logit offset c ("shift"), 0 for "penalty"."""
+    if c["budget"] != "shift":
+      return 0.0
+    target = 1.0 - c["prune_fraction"]
+    w = c["budget_warmup_steps"]
+    if w:
+      frac = jnp.clip(jnp.asarray(step, jnp.float32) / w, 0.0, 1.0)
+      target = 1.0 - frac * (1.0 - target)
+    # Open gates: P(keep) <= 1 - 1e-6 keeps the bisection finite when the target is 1.
+    target = jnp.minimum(target, 1.0 - 1e-6)
+    return budget_shift(padded(params), valid_LxH, target, keep_prob)
+
   def sample(params, rng, step, train):
-    del step
     gates = [None] * num_layers
+    offset = shift(params, step) if train else 0.0
     if train:
       for i in layers:
-        theta = jnp.asarray(params[f"layer_{i}"], jnp.float32)
+        theta = jnp.asarray(params[f"layer_{i}"], jnp.float32) + offset
         r = jax.random.fold_in(rng, i)
         z = (hard_concrete(theta, r, c["temperature"], c["limits"])
              if c["relaxation"] == "hard_concrete" else
@@ -286,10 +351,13 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
       for row, i in enumerate(layers):
         gates[i] = keep[row, :heads[i]] if by_head else keep[row, 0]
     probs = jnp.concatenate([jnp.ravel(keep_prob(jnp.asarray(params[f"layer_{i}"],
-                                                             jnp.float32))) for i in layers])
+                                                             jnp.float32) + offset))
+                             for i in layers])
     expected_kept = jnp.mean(probs)
     kept = jnp.mean(jnp.concatenate([jnp.ravel(gates[i]) for i in layers]))
-    if c["prune_fraction"] is None:
+    if c["budget"] == "shift":
+      penalty = jnp.zeros(())
+    elif c["prune_fraction"] is None:
       penalty = c["beta"] * expected_kept
     else:
       penalty = c["beta"] * jnp.abs(expected_kept - (1.0 - c["prune_fraction"]))
@@ -299,10 +367,12 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
   def freeze(params):
     keep = np.asarray(frozen_keep(params))
     gates, pruned_layers, pruned_heads, probs = [None] * num_layers, [], {}, {}
+    # Keep probabilities as the search sampled them at the end (after any warm-up).
+    offset = float(shift(params, c["budget_warmup_steps"]))
     for row, i in enumerate(layers):
       k_h = keep[row, :heads[i] if by_head else 1]
       theta = np.asarray(params[f"layer_{i}"], np.float32)
-      p = np.asarray(keep_prob(jnp.asarray(theta)))
+      p = np.asarray(keep_prob(jnp.asarray(theta) + offset))
       probs[f"layer_{i}"] = [float(x) for x in p] if by_head else float(p)
       if not k_h.any():  # The whole sublayer goes (also when every head was pruned).
         gates[i] = np.zeros((), np.float32)
@@ -318,7 +388,7 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
         "method": "prune",
         "reconstruction": "Not All Attention self-pruning (documented reconstruction; the "
                           "paper's exact algorithm is not public)",
-        "unit": c["unit"], "relaxation": c["relaxation"],
+        "unit": c["unit"], "relaxation": c["relaxation"], "budget": c["budget"],
         "keep_layernorm": bool(c["keep_layernorm"]),
         "prune_fraction": c["prune_fraction"], "num_units": c["num_units"],
         "kept_units": kept_units, "kept_fraction": kept_units / c["num_units"],
