@@ -107,7 +107,7 @@ def test_sample_gates_are_hard_and_shaped(unit, relaxation):
   for g in out.gates:
     assert np.shape(g) == ((H,) if unit == "head" else ())
     assert set(np.unique(np.asarray(g)).tolist()) <= {0.0, 1.0}
-  kp = (prune.hard_concrete_keep_prob(0.0) if relaxation == "hard_concrete" else 0.5)
+  kp = 0.5  # Straight-through gates: P(z > 1/2) = sigmoid(0) for both relaxations.
   assert float(out.metrics["prune/expected_kept"]) == pytest.approx(float(kp), rel=1e-5)
   assert float(out.penalty) == pytest.approx(abs(float(kp) - 0.2), rel=1e-5)
 
@@ -115,8 +115,14 @@ def test_sample_gates_are_hard_and_shaped(unit, relaxation):
 def test_l0_penalty_without_budget():
   s = prune.make_structure(_cfg(prune_fraction=None, beta=2.0, init_logit=1.0), _bert(), N)
   out = s.sample(s.init(jax.random.key(0)), jax.random.key(0), 0, True)
-  assert float(out.penalty) == pytest.approx(2.0 * float(prune.hard_concrete_keep_prob(1.0)),
+  # Straight-through gates (the default): the expected open count, P(z > 1/2).
+  assert float(out.penalty) == pytest.approx(2.0 * float(prune.hard_concrete_open_prob(1.0)),
                                              rel=1e-5)
+  s = prune.make_structure(_cfg(prune_fraction=None, beta=2.0, init_logit=1.0, hard=False),
+                           _bert(), N)
+  out = s.sample(s.init(jax.random.key(0)), jax.random.key(0), 0, True)
+  assert float(out.penalty) == pytest.approx(2.0 * float(prune.hard_concrete_keep_prob(1.0)),
+                                             rel=1e-5)  # Relaxed gates: the L0 norm.
 
 
 @pytest.mark.parametrize("unit, relaxation", [("layer", "gumbel_sigmoid"),
@@ -157,6 +163,28 @@ def test_shift_budget_meets_the_kept_fraction_exactly_without_penalty(unit, rela
   out = jax.jit(s.sample, static_argnums=3)(p, jax.random.key(2), 7, True)
   assert float(out.metrics["prune/expected_kept"]) == pytest.approx(0.25, abs=1e-4)
   assert float(out.penalty) == 0.0
+
+
+@pytest.mark.parametrize("relaxation", ["hard_concrete", "gumbel_sigmoid"])
+def test_shift_budget_holds_for_the_sampled_forward_gates(relaxation):
+  """The budget is about the gates the model sees: averaged over many draws, the open
+  fraction of the straight-through gates equals k / U."""
+  s = prune.make_structure(_cfg(unit="head", relaxation=relaxation, budget="shift",
+                                prune_fraction=0.75), _bert(), N)
+  p = jax.tree.map(lambda x: x + jax.random.normal(jax.random.key(1), jnp.shape(x)),
+                   s.init(jax.random.key(0)))
+  kept = jax.vmap(lambda r: s.sample(p, r, 0, True).metrics["prune/kept"])(
+      jax.random.split(jax.random.key(9), 4000))
+  assert float(jnp.mean(kept)) == pytest.approx(0.25, abs=0.01)
+
+
+def test_open_prob_matches_sampling():
+  z = jax.vmap(lambda r: prune.hard_concrete(jnp.float32(0.7), r, 0.5, (-0.2, 1.05)))(
+      jax.random.split(jax.random.key(0), 100000))
+  assert float(jnp.mean(z > 0.5)) == pytest.approx(
+      float(prune.hard_concrete_open_prob(0.7, 0.5, (-0.2, 1.05))), abs=0.005)
+  assert float(jnp.mean(z > 0)) == pytest.approx(
+      float(prune.hard_concrete_keep_prob(0.7, 0.5, (-0.2, 1.05))), abs=0.005)
 
 
 def test_shift_budget_warmup_opens_every_gate_first():

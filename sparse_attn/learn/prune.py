@@ -8,7 +8,9 @@ every head (unit="head", beyond the paper) owns a logit theta and a stochastic g
 
   * "hard_concrete" (Louizos, Welling & Kingma 2018): s = sigmoid((logit u + theta) / tau),
     z = clip(s (zeta - gamma) + gamma, 0, 1) with stretch limits (gamma, zeta) = (-0.1, 1.1)
-    and tau = 2/3. P(z != 0) = sigmoid(theta - tau log(-gamma / zeta)) is the L0 penalty.
+    and tau = 2/3. P(z != 0) = sigmoid(theta - tau log(-gamma / zeta)) is the L0 penalty
+    of the relaxed gate; the straight-through gate (`hard`) is open with P(z > 1/2), and
+    that is the keep probability the budget uses then.
   * "gumbel_sigmoid": z = sigmoid((logit u + theta) / tau); P(z > 1/2) = sigmoid(theta).
 
 With `hard` the forward gate is exactly {0, 1} (z > 1/2), with the straight-through gradient
@@ -18,8 +20,8 @@ of z. How the budget is imposed (`budget`):
     (plain L0 pressure) with prune_fraction None. Under Adam every logit then drifts at
     about the same rate, so the logits separate only where the task gradient is strong.
   * "shift": no penalty; the gates are sampled at theta + c, with the scalar c (no
-    gradient) solved by bisection so that E[kept fraction] equals the budget exactly at
-    every step. The budget is met from the first step, and only the task gradient orders
+    gradient) solved by bisection so that E[kept fraction] equals the fraction `freeze`
+    will keep (k / U) at every step. The budget is met from the first step, and only the task gradient orders
     the logits (the frozen top-k is invariant to c). `budget_warmup_steps` W moves the
     kept fraction from 1 to the budget linearly over W steps (so the model first trains
     with every gate open). Needs a prune_fraction.
@@ -129,6 +131,15 @@ def hard_concrete_keep_prob(theta: Array, temperature: float = 2.0 / 3.0,
   """P(z != 0) = sigmoid(theta - tau log(-gamma / zeta)): the L0 expected-keep probability."""
   gamma, zeta = limits
   return jax.nn.sigmoid(theta - temperature * math.log(-gamma / zeta))
+
+
+def hard_concrete_open_prob(theta: Array, temperature: float = 2.0 / 3.0,
+                            limits: tuple[float, float] = (-0.1, 1.1)) -> Array:
+  """P(z > 1/2) = sigmoid(theta - tau logit((1/2 - gamma) / (zeta - gamma))): how often the
+  straight-through gate (`hard`) is open (sigmoid(theta) for symmetric limits)."""
+  gamma, zeta = limits
+  t = (0.5 - gamma) / (zeta - gamma)
+  return jax.nn.sigmoid(theta - temperature * math.log(t / (1.0 - t)))
 
 
 def gumbel_sigmoid(theta: Array, rng: Array, temperature: float = 1.0) -> Array:
@@ -315,8 +326,10 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
     return jnp.stack(rows)
 
   def keep_prob(theta):
+    """P(the forward gate is on): z > 1/2 with `hard`, else z != 0 (hard concrete's L0)."""
     if c["relaxation"] == "hard_concrete":
-      return hard_concrete_keep_prob(theta, c["temperature"], c["limits"])
+      f = hard_concrete_open_prob if c["hard"] else hard_concrete_keep_prob
+      return f(theta, c["temperature"], c["limits"])
     return jax.nn.sigmoid(theta)
 
   def frozen_keep(params):
@@ -326,7 +339,7 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
     """The budget's common logit offset c ("shift"), 0 for "penalty"."""
     if c["budget"] != "shift":
       return 0.0
-    target = 1.0 - c["prune_fraction"]
+    target = c["k"] / c["num_units"]  # What `freeze` keeps (rounded, with minimums).
     w = c["budget_warmup_steps"]
     if w:
       frac = jnp.clip(jnp.asarray(step, jnp.float32) / w, 0.0, 1.0)
