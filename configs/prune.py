@@ -27,6 +27,8 @@ def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg)
   c = config_lib.minilm_finetune(args)
   c.model.pruned_keep_layernorm = "keep_ln" in args
+  if "warm" in args and "shift" not in args:
+    raise ValueError("warm=W is the warm-up of the shift budget; add shift.")
   if "retune" in args:  # Phase two: the extracted smaller model, structure frozen.
     c.init_from = "pruned:" + args["retune"]
   else:

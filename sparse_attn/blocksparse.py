@@ -445,6 +445,8 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
 
 def _num_loops(loops: int | None, steps: int) -> int:
   """Independent head loops: `loops` (default: host cores), at most `steps`, dividing it."""
+  if loops is not None and loops < 0:
+    raise ValueError(f"loops must be >= 1 (or None / 0 for one per host core); got {loops}.")
   if not loops:
     loops = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
              else os.cpu_count() or 1)

@@ -112,6 +112,8 @@ def minilm_finetune(args: dict[str, str]) -> ml_collections.ConfigDict:
   `teacher=DIR` distils from that finished run (e.g. the dense one), with `alpha=A`
   (default 0.5) and `kd_temp=T` (default 2)."""
   c = base_config()
+  if ("alpha" in args or "kd_temp" in args) and "teacher" not in args:
+    raise ValueError("alpha= and kd_temp= set distillation; add teacher=<finished run>.")
   if "teacher" in args:
     c.distill.teacher = args["teacher"]
     c.distill.alpha = float(args.get("alpha", c.distill.alpha))

@@ -7,6 +7,9 @@ and the squared difference of the predictions for regression. The teacher runs i
 deterministic mode with its own frozen structure (masks, gates), so any finished run, dense
 or sparse, can teach. Config section `distill` (sparse_attn/config.py): teacher = a workdir,
 alpha, temperature.
+
+With a teacher, the logged training "loss" is that mixed objective (plus any structure
+penalty); "task_loss" is the plain task loss, comparable with the evaluation "loss".
 """
 
 from __future__ import annotations

@@ -91,21 +91,33 @@ def _extract_pruned(source: str, overrides: dict) -> tuple[model_lib.BertConfig,
 
 
 def _restore_run(source: str, role: str) -> tuple["Run", TrainState]:
-  """A finished run rebuilt from its saved config, and its latest state.
+  """A finished run rebuilt from its saved config, and its latest readable state.
 
-  `role` names the option that asked for it in error messages ("{}" = the source).
+  Read-only towards `source`: nothing there is created, renamed or written, and this
+  process's compilation-cache setting is kept. `role` names the option that asked for it
+  in error messages ("{}" = the source).
   """
   src_dir = pathlib.Path(source).absolute()
-  ck = ckpt_lib.Checkpointer(src_dir / "checkpoints", async_save=False)
-  saved = ck.restore_config()
-  ck.close()
+  saved = None
+  if (src_dir / "checkpoints").is_dir():
+    ck = ckpt_lib.Checkpointer(src_dir / "checkpoints", async_save=False)
+    saved = ck.restore_config()
+    ck.close()
   if saved is None:
     raise ckpt_lib.CheckpointError(
         f"{role.format(source)}: no checkpoint with a config in {src_dir}/checkpoints; "
         "train that run first (or fix the path).")
-  src = setup(ml_collections.ConfigDict(saved), src_dir, restore=True)
-  src.ckpt.close()
-  return src, src.state
+  cache = jax.config.jax_compilation_cache_dir
+  try:
+    src = setup(ml_collections.ConfigDict(saved), src_dir, restore=False)
+    restored = src.ckpt.restore_state(src.state)  # Unreadable steps are skipped, not moved.
+    src.ckpt.close()
+  finally:
+    jax.config.update("jax_compilation_cache_dir", cache)
+  if restored is None:
+    raise ckpt_lib.CheckpointError(f"{role.format(source)}: no readable checkpoint in "
+                                   f"{src_dir}/checkpoints.")
+  return src, restored[0]
 
 
 def load_teacher(config: ml_collections.ConfigDict, task) -> tuple[Any, Any]:
@@ -116,12 +128,13 @@ def load_teacher(config: ml_collections.ConfigDict, task) -> tuple[Any, Any]:
     return None, None
   distill_lib.check_settings(float(d.alpha), float(d.temperature))
   src, state = _restore_run(d.teacher, "distill.teacher={!r}")
-  if (src.task.kind, src.task.num_labels) != (task.kind, task.num_labels):
+  mine = (config.data.task, task.kind, task.num_labels, config.data.tokenizer)
+  theirs = (src.config.data.task, src.task.kind, src.task.num_labels,
+            src.config.data.tokenizer)
+  if mine != theirs:
     raise ValueError(
-        f"distill.teacher={d.teacher!r} was trained on task {src.config.data.task!r} "
-        f"({src.task.kind}, {src.task.num_labels} labels); this run trains "
-        f"{config.data.task!r} ({task.kind}, {task.num_labels} labels). Use a teacher of "
-        "the same task.")
+        f"distill.teacher={d.teacher!r} was trained on (task, kind, labels, tokenizer) = "
+        f"{theirs}; this run has {mine}. Use a teacher of the same task and tokenizer.")
   if src.config.data.max_len < config.data.max_len:
     raise ValueError(
         f"distill.teacher={d.teacher!r} was built for sequences up to "
@@ -131,8 +144,8 @@ def load_teacher(config: ml_collections.ConfigDict, task) -> tuple[Any, Any]:
   teacher = distill_lib.Teacher(module=src.module, masks=frozen.masks, gates=frozen.gates,
                                 sinks=src.sinks, alpha=float(d.alpha),
                                 temperature=float(d.temperature))
-  logging.info("Distilling from %s (step %d, alpha %.2f, T %.1f).", d.teacher,
-               int(state.step), d.alpha, d.temperature)
+  logging.info("Distilling from %s (its step %d, alpha %.2f, T %.1f).",
+               pathlib.Path(d.teacher).absolute(), int(state.step), d.alpha, d.temperature)
   return teacher, state.params["model"]
 
 
@@ -442,6 +455,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config, ckpt, state = run.config, run.ckpt, run.state
   run.workdir.mkdir(parents=True, exist_ok=True)
   start, total_steps = int(state.step), run.total_steps
+  if config.distill.teacher:  # Saved with the run as an absolute path (resume elsewhere).
+    config.distill.teacher = str(pathlib.Path(config.distill.teacher).absolute())
   teacher, teacher_params = load_teacher(config, run.task)
   train_step = jax.jit(make_train_step(run.module, run.structure, run.fixed, run.tx, run.task,
                                        config.masks.combine, run.sinks, teacher),

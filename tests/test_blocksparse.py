@@ -182,7 +182,7 @@ def test_unsupported_inputs_raise_helpful_errors():
 
 @pytest.mark.parametrize("head_loop, per_step, loops", [
     (False, 2, None), (True, 2, None), (True, 1, 1), (True, 1, 2), (True, 2, 2),
-    (True, 1, 3)])  # 3 loops do not divide the heads: fewer are used.
+    (True, 1, 3)])  # H = 3: one head per loop.
 def test_head_loop_on_and_off_agree_with_dense(head_loop, per_step, loops):
   mask = np.random.default_rng(8).random((H, L, L)) < 0.15    # Per-head layout.
   q, k, v, w = _qkv(8)
@@ -196,6 +196,41 @@ def test_head_loop_on_and_off_agree_with_dense(head_loop, per_step, loops):
   np.testing.assert_allclose(f(q, k, v), ref(q, k, v), rtol=1e-5)
   for a, b in zip(jax.jit(jax.grad(f, (0, 1, 2)))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(a, b, atol=5e-6)
+
+
+@pytest.mark.parametrize("per_head_layout", [False, True])
+def test_several_loops_of_several_steps_match_one_loop_with_dropout(per_head_layout):
+  """H = 8 split as 2 loops x 2 steps x 2 heads: same numbers (and the same dropout draws,
+  keyed by the global head index) as one loop, forward and backward."""
+  h = 8
+  rng = np.random.default_rng(3)
+  q, k, v, w = (jnp.asarray(rng.standard_normal((1, L, h, D)), jnp.float32)
+                for _ in range(4))
+  shape = (h, L, L) if per_head_layout else (L, L)
+  obj = blocksparse.BlockSparseMask.from_mask(rng.random(shape) < 0.2, 16)
+  kv = _kv([44])
+  key = jax.random.key(7)
+
+  def f(loops):
+    return lambda q, k, v: jnp.sum(blocksparse.attend(
+        obj.plan, q, k, v, key_valid=kv, head_loop=True, heads_per_step=2, loops=loops,
+        dropout_rng=key, dropout_rate=0.3) * w)
+
+  np.testing.assert_allclose(jax.jit(f(2))(q, k, v), jax.jit(f(1))(q, k, v), rtol=1e-6)
+  for a, b in zip(jax.jit(jax.grad(f(2), (0, 1, 2)))(q, k, v),
+                  jax.jit(jax.grad(f(1), (0, 1, 2)))(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  # Without dropout, also equal to the dense reference.
+  g = lambda q, k, v: blocksparse.attend(obj.plan, q, k, v, key_valid=kv, loops=2,
+                                         heads_per_step=2)
+  mask = obj.element_mask()
+  np.testing.assert_allclose(g(q, k, v), attention.dot_product_attention(
+      q, k, v, mask=mask, key_valid=kv), atol=1e-5)
+
+
+def test_bad_number_of_loops():
+  with pytest.raises(ValueError, match="loops must be >= 1"):
+    blocksparse._num_loops(-1, 4)
 
 
 def test_number_of_head_loops():

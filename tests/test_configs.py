@@ -59,3 +59,10 @@ def test_teacher_argument_sets_the_distill_section():
   assert (c.distill.teacher, c.distill.alpha, c.distill.temperature) == ("runs/dense", 0.7, 3.0)
   c = config_lib.validate(_load("finetune.py").get_config(None))
   assert c.distill.teacher == ""  # Off by default.
+
+
+@pytest.mark.parametrize("name, arg, problem", [("dam.py", "alpha=0.7", "teacher="),
+                                                 ("prune.py", "warm=20", "shift")])
+def test_arguments_that_need_another_are_refused(name, arg, problem):
+  with pytest.raises(ValueError, match=problem):
+    _load(name).get_config(arg)

@@ -95,14 +95,21 @@ def test_alpha_zero_trains_exactly_like_no_teacher(teacher_dir, tmp_path):
   np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-6)
 
 
-def test_missing_teacher_run_says_so(tmp_path):
+def test_missing_teacher_run_says_so_and_creates_nothing(tmp_path):
   with pytest.raises(Exception, match="distill.teacher.*no checkpoint"):
     train.train_and_evaluate(_student(tmp_path / "nowhere"), tmp_path / "s")
+  assert not (tmp_path / "nowhere").exists()
+
+
+def test_teacher_run_is_left_untouched(teacher_dir, tmp_path):
+  before = sorted(str(p.relative_to(teacher_dir)) for p in teacher_dir.rglob("*"))
+  train.train_and_evaluate(_student(teacher_dir), tmp_path / "s")
+  assert sorted(str(p.relative_to(teacher_dir)) for p in teacher_dir.rglob("*")) == before
 
 
 def test_teacher_of_another_task_is_refused(teacher_dir, tmp_path):
   c = _student(teacher_dir, **{"data.task": "wnut16"})
-  with pytest.raises(ValueError, match="same task"):
+  with pytest.raises(ValueError, match="same task and tokenizer"):
     train.train_and_evaluate(c, tmp_path / "s")
 
 
@@ -112,8 +119,9 @@ def test_teacher_shorter_than_the_student_is_refused(teacher_dir, tmp_path):
     train.train_and_evaluate(c, tmp_path / "s")
 
 
-def test_distill_settings_are_saved_with_the_run(teacher_dir, tmp_path):
-  train.train_and_evaluate(_student(teacher_dir), tmp_path / "s")
+def test_distill_settings_are_saved_with_the_run(teacher_dir, tmp_path, monkeypatch):
+  monkeypatch.chdir(teacher_dir.parent)  # A relative teacher path is saved absolute.
+  train.train_and_evaluate(_student(teacher_dir.name), tmp_path / "s")
   from sparse_attn import checkpoint as ckpt_lib
   ck = ckpt_lib.Checkpointer(tmp_path / "s" / "checkpoints", async_save=False)
   saved = ck.restore_config()
