@@ -15,7 +15,8 @@ sum_slots P V and normalised once. The backward is a custom VJP in the FlashAtte
 style: it saves O and the row log-sum-exp only and recomputes the probabilities
 key-major, so no rho-sized tensor is stored or transposed and offset slots need no
 scatter. By default heads are processed one at a time (`lax.map`): each head's scores
-then stay in cache, which on CPU is worth more than the loop costs.
+then stay in cache, which on CPU is worth more than the loop costs. The heads are split
+over independent loops, one per host core, which XLA's CPU runtime can run side by side.
 
 Shape legend: B batch, L sequence length, Q / K query / key length, H heads, D head dim,
 b block size, NQ / NK number of query / key blocks, M slots of a group.
@@ -350,7 +351,7 @@ def _to_blocks(x_BxLxHxD: Array, nb: int, b: int) -> Array:
 def attend(plan: Plan, query: Array, key: Array, value: Array, *,
            gmasks: tuple[Array | None, ...] | None = None, key_valid: Array | None = None,
            dropout_rng: Array | None = None, dropout_rate: float = 0.0,
-           head_loop: bool | None = None, heads_per_step: int = 2,
+           head_loop: bool | None = None, heads_per_step: int = 1,
            loops: int | None = None) -> Array:
   """Block-sparse attention over a plan's tiles.
 
