@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
+
 import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed")
@@ -121,6 +124,15 @@ def test_unprepared_dataset_says_how_to_get_it(tmp_path, tok):
   msg = str(e.value)
   assert "tfds build glue/sst2 --file_format=array_record" in msg
   assert str(tmp_path) in msg and "TFDS_DATA_DIR" in msg and "tfds_download" in msg
+
+
+def test_unprepared_dataset_leaves_no_tfds_temp_dirs(tmp_path, tok, monkeypatch):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+  (tmp_path / "tmp").mkdir()
+  c = tfds_config("glue/sst2", tfds_data_dir=str(tmp_path / "data"))
+  with pytest.raises(data.TfdsNotPreparedError):
+    data.build_dataset(c, "train", tokenizer=tok)
+  assert list((tmp_path / "tmp").iterdir()) == []  # tfds's empty metadata dirs removed.
 
 
 def test_records_fall_back_to_single_reads():

@@ -12,8 +12,10 @@ then point ``$TFDS_DATA_DIR`` (or ``config.data.tfds_data_dir``) at DIR. With
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -61,6 +63,10 @@ def open_source(name: str, split: str, data_dir: str = "",
   """
   tfds = _tfds()
   importlib.import_module(_BUILDER_MODULES[name.split("/")[0]])
+  # tfds's DatasetInfo.initialize_from_bucket makes a tmp*tfds directory for metadata it
+  # then fails to fetch offline, and never removes it: remove the empty ones it leaves.
+  pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+  before = set(glob.glob(pattern))
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=download)
   except Exception as e:  # tfds raises several types here; all mean "not usable here".
@@ -73,6 +79,12 @@ def open_source(name: str, split: str, data_dir: str = "",
         "  copy DIR here and set TFDS_DATA_DIR=DIR (or config.data.tfds_data_dir=DIR); or set "
         "config.data.tfds_download=True on a machine with internet. Data that works with no "
         "internet: source='offline' (rotten_tomatoes, wnut16, shakespeare).") from e
+  finally:
+    for d in set(glob.glob(pattern)) - before:
+      try:
+        os.rmdir(d)  # Only if empty.
+      except OSError:
+        pass
 
 
 def _text(value: Any) -> str:
