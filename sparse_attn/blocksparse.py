@@ -451,8 +451,7 @@ def _num_loops(loops: int | None, steps: int) -> int:
   if not loops:
     loops = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
              else os.cpu_count() or 1)
-  n = loops
-  n = max(1, min(n, steps))
+  n = max(1, min(loops, steps))
   while steps % n:
     n -= 1
   return n

@@ -21,10 +21,10 @@ of z. How the budget is imposed (`budget`):
     about the same rate, so the logits separate only where the task gradient is strong.
   * "shift": no penalty; the gates are sampled at theta + c, with the scalar c (no
     gradient) solved by bisection so that E[kept fraction] equals the fraction `freeze`
-    will keep (k / U) at every step. The budget is met from the first step, and only the task gradient orders
-    the logits (the frozen top-k is invariant to c). `budget_warmup_steps` W moves the
-    kept fraction from 1 to the budget linearly over W steps (so the model first trains
-    with every gate open). Needs a prune_fraction.
+    will keep (k / U) at every step. The budget is met from the first step, and only the
+    task gradient orders the logits (the frozen top-k is invariant to c).
+    `budget_warmup_steps` W moves the kept fraction from 1 to the budget linearly over W
+    steps (so the model first trains with every gate open). Needs a prune_fraction.
 
 Budget and rounding: of U gated units (layers with attention, or their heads), `freeze`
 keeps exactly the k with the largest logits (ties: lower index), where
@@ -169,9 +169,9 @@ def budget_shift(theta: Array, valid: Array, target: Array, keep_prob_fn,
   theta = jax.lax.stop_gradient(jnp.asarray(theta, jnp.float32))
   valid = jnp.asarray(valid, jnp.float32)
   n = jnp.maximum(jnp.sum(valid), 1.0)
-  big = jnp.where(valid > 0, theta, 0.0)
-  lo = -60.0 - jnp.max(big)
-  hi = 60.0 - jnp.min(big)
+  theta_v = jnp.where(valid > 0, theta, 0.0)  # Padding must not widen the bracket.
+  lo = -60.0 - jnp.max(theta_v)
+  hi = 60.0 - jnp.min(theta_v)
 
   def body(_, bounds):
     lo, hi = bounds
