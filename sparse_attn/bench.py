@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sparse_attn import hostmem
+
 # jax is imported after the command line sets XLA_FLAGS (see `main`).
 jax = jnp = None
 
@@ -474,11 +476,15 @@ def main(argv=None) -> dict:
                  help="data-parallel over N virtual CPU devices for the MiniLM/torch "
                       "sections (sets --xla_force_host_platform_device_count)")
   p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for this run")
+  p.add_argument("--host-memory", default="auto", choices=hostmem.MODES,
+                 help="host allocator (sparse_attn.hostmem): 'reuse' keeps freed memory "
+                      "between calls, as train.py does; 'default' is glibc's own policy")
   args = p.parse_args(argv)
   flags = [os.environ.get("XLA_FLAGS", ""), args.xla_flags]
   if args.devices:
     flags.append(f"--xla_force_host_platform_device_count={args.devices}")
   os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f).strip()
+  reused = hostmem.reuse_freed_memory(args.host_memory)  # Before JAX's first computation.
   _import_jax()
   sections = set(args.only.split(","))
   if args.torch:
@@ -491,8 +497,10 @@ def main(argv=None) -> dict:
     mesh = Mesh(np.array(jax.devices()[:args.devices]), ("data",))
   peak = matmul_peak(256 if args.quick else 2048, repeats=3 if args.quick else 5)
   res: dict[str, Any] = {"machine": _machine(), "matmul_peak_flops": peak,
+                         "host_memory_reused": reused,
                          "argv": sys.argv[1:] if argv is None else list(argv)}
-  print(f"machine: {res['machine']}; matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+  print(f"machine: {res['machine']}; matmul peak {peak / 1e9:.1f} GFLOP/s; host memory "
+        f"{'reused' if reused else 'glibc default'}", flush=True)
   from sparse_attn import model as model_lib  # pylint: disable=import-outside-toplevel
   if args.quick:
     minilm = model_lib.BertConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2,

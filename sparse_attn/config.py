@@ -72,7 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=20, eval_every=0, eval_splits=["validation"], max_eval_batches=0,
       # JAX's persistent compilation cache: a directory, "auto" (xla/ in the asset cache)
       # or "" (off). Reruns and eval.py then skip compilation.
-      compilation_cache="auto"))
+      compilation_cache="auto",
+      # Host allocator (sparse_attn.hostmem): "reuse" keeps freed memory between steps
+      # (XLA:CPU steps stop page-faulting their temporaries; more resident memory),
+      # "default", or "auto" (reuse unless a TPU / GPU plugin is installed).
+      host_memory="auto"))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=200, keep=2, keep_best=1, async_save=True))
   c.distill = ml_collections.ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))

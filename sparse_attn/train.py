@@ -35,6 +35,7 @@ from sparse_attn import checkpoint as ckpt_lib
 from sparse_attn import config as config_lib
 from sparse_attn import data as data_lib
 from sparse_attn import fixed_masks as fixed_lib
+from sparse_attn import hostmem
 from sparse_attn import learn
 from sparse_attn import model as model_lib
 from sparse_attn import observe
@@ -398,6 +399,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   `config.init_from`, else random (the resume order).
   """
   config = config_lib.validate(config)
+  hostmem.reuse_freed_memory(config.train.host_memory)  # Before JAX's first computation.
   sharding.maybe_initialize_distributed(config)
   enable_compilation_cache(config.train.compilation_cache)
   workdir = pathlib.Path(workdir).absolute()
