@@ -7,7 +7,10 @@ arena) straight back to the kernel, so the next step faults every page in again:
 MiniLM train step (L=128, B=32) takes ~340k page faults and ~0.9 s of kernel time out of
 6.5 s of CPU time, and an L=4096 masked attention forward spends ~45% of its CPU time in
 the kernel. `reuse_freed_memory` makes glibc keep freed memory in one heap that it never
-trims, so after the first step no page is faulted in again.
+trims. Once the heap has grown to the steps' working set (a few steps; it still grows
+now and then while it settles), steps stop faulting pages in. A block that a thread
+attached to an older arena allocates beyond that arena's 64 MB heap is still mapped
+afresh, so this is a large reduction, not a guarantee for every call.
 
 The settings are process-wide and only act on threads that have not allocated yet: call
 it before JAX's first computation (the entry points do; `train.setup` honours the
@@ -26,6 +29,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import sys
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -55,6 +59,8 @@ def _wants_cpu() -> bool:
 
 def _jax_started() -> bool:
   """Whether JAX has created its backends (and with them its worker threads)."""
+  if "jax" not in sys.modules:
+    return False
   try:
     from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
     return bool(xla_bridge.backends_are_initialized())

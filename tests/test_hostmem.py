@@ -14,11 +14,16 @@ import json, resource, sys
 from sparse_attn import hostmem
 applied = hostmem.reuse_freed_memory(sys.argv[1])
 import jax, jax.numpy as jnp
-f = jax.jit(lambda x: jnp.outer(x, x) + 1.0)  # A 64 MB result, dropped after each call.
-x = jnp.linspace(0.0, 1.0, 4096)
+w = jnp.ones((512, 512)) / 512
+def loss(x):
+  for _ in range(4):
+    x = jnp.tanh(x @ w) + x
+  return x.sum()
+f = jax.jit(jax.grad(loss))  # Temporaries of 8 MB, as in a small train step.
+x = jnp.ones((4096, 512))
 f(x).block_until_ready()
 faults = []
-for _ in range(3):
+for _ in range(12):
   r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
@@ -38,9 +43,12 @@ def _probe(mode):
 def test_reuse_stops_repeated_calls_faulting_their_temporaries_in():
   default, reuse = _probe("default"), _probe("reuse")
   assert reuse["applied"] and not default["applied"]
-  # glibc maps blocks above 32 MB afresh on every call: ~16k page faults.
-  assert min(default["faults"]) > 4000, default
-  assert max(reuse["faults"]) < 0.05 * min(default["faults"]), (reuse, default)
+  median = lambda xs: sorted(xs)[len(xs) // 2]
+  # glibc's default returns the worker threads' blocks to the kernel after every call:
+  # ~14k page faults per call here. With reuse the heap still grows now and then while
+  # it settles (a few calls fault), but the typical call faults nothing.
+  assert median(default["faults"]) > 4000, default
+  assert median(reuse["faults"]) < 0.05 * median(default["faults"]), (reuse, default)
   assert default["late"] is False  # Too late once JAX runs: a warning, not a silent no.
 
 
