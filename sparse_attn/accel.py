@@ -60,13 +60,14 @@ class CostModel:
   eff(b) is the per-element efficiency of b x b tiles relative to the dense path (small
   tiles run matmuls at a lower rate; big dense score tensors fall out of cache, which
   can make eff > 1). eff is interpolated (log-linear in b) from `eff_table`, measured
-  with `bench.py` (CPU: 2-core x86, float32, host memory reused, L = 1024-4096: the
-  lower of the fwd and fwd+bwd medians per block size, docs/benchmarks.md). GPU / TPU
+  with `bench.py` (CPU: 2-core x86, float32, host memory reused, band masks at L = 1024-
+  4096: `speedup` inverted on each row's measured fwd and fwd+bwd speed-ups, the lower
+  of the two, median over the rows of a block size; docs/benchmarks.md). GPU / TPU
   tables follow published block-sparse efficiencies (~0.6-0.9 of ideal) until measured
   there.
   """
-  eff_table: tuple[tuple[int, float], ...] = ((16, 0.12), (32, 0.28), (64, 0.5),
-                                              (128, 0.55), (256, 0.55))
+  eff_table: tuple[tuple[int, float], ...] = ((16, 0.12), (32, 0.26), (64, 0.46),
+                                              (128, 0.58), (256, 0.58))
   call_overhead: float = 0.5     # Extra tiles' worth of work per query block.
   min_length: int = 512          # Below this, dense wins on every platform we measured.
 

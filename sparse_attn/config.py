@@ -39,6 +39,7 @@ from typing import Any
 import ml_collections
 
 from sparse_attn import data as data_lib
+from sparse_attn import hostmem
 from sparse_attn import model as model_lib
 from sparse_attn import sharding
 
@@ -75,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
       compilation_cache="auto",
       # Host allocator (sparse_attn.hostmem): "reuse" keeps freed memory between steps
       # (XLA:CPU steps stop page-faulting their temporaries; more resident memory),
-      # "default", or "auto" (reuse unless a TPU / GPU plugin is installed).
+      # "default", or "auto" (reuse unless a TPU / GPU plugin is installed and
+      # JAX_PLATFORMS does not start with cpu).
       host_memory="auto"))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=200, keep=2, keep_best=1, async_save=True))
@@ -229,6 +231,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   merged = method_defaults
   merged.update(structure)
   out.structure = merged
+  hostmem.wanted(out.train.host_memory)  # Raises on an unknown value.
   return out
 
 

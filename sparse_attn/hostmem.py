@@ -4,19 +4,20 @@ XLA:CPU allocates every temporary of a step (activations, [B, H, Q, K] scores, n
 parameter and optimizer buffers) with malloc and frees it when the step ends. glibc hands
 blocks above its mmap threshold (and any large block requested from a worker thread's
 arena) straight back to the kernel, so the next step faults every page in again: a
-MiniLM train step (L=128, B=32) takes ~340k page faults and ~0.9 s of kernel time out of
-6.5 s of CPU time, and an L=4096 masked attention forward spends ~45% of its CPU time in
+MiniLM train step (L=128, B=32) took 366k page faults and 0.98 s of kernel time out of
+6.6 s of CPU time, and an L=4096 masked attention forward spends ~45% of its CPU time in
 the kernel. `reuse_freed_memory` makes glibc keep freed memory in one heap that it never
 trims. Once the heap has grown to the steps' working set (a few steps; it still grows
 now and then while it settles), steps stop faulting pages in. A block that a thread
 attached to an older arena allocates beyond that arena's 64 MB heap is still mapped
 afresh, so this is a large reduction, not a guarantee for every call.
 
-The settings are process-wide and only act on threads that have not allocated yet: call
-it before JAX's first computation (the entry points do; `train.setup` honours the
-`train.host_memory` config key). The cost is resident memory: freed memory is never
+The settings are process-wide. The arena limit only binds threads that have not
+allocated yet, so call it before JAX's first computation (the entry points do:
+`train.setup` and `train.evaluate_workdir` honour the `train.host_memory` config key);
+applied later it still helps, partly. The cost is resident memory: freed memory is never
 returned to the OS and one heap fragments more, so the process's peak RSS grows (the
-README's dense quickstart: 2.2 GB -> 4.2 GB, for 191 s -> 166 s). Use 'default' where
+dense fine-tuning run `configs/finetune.py`: 2.2 GB -> 4.2 GB, for 191 s -> 166 s). Use 'default' where
 host RAM is tight. On accelerators the big buffers live in device memory, so 'auto'
 leaves the host allocator alone when an accelerator plugin is installed.
 """
@@ -24,7 +25,6 @@ leaves the host allocator alone when an accelerator plugin is installed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib.metadata
 import importlib.util
 import logging
@@ -53,8 +53,9 @@ def _accelerator_plugin_installed() -> bool:
 
 
 def _wants_cpu() -> bool:
+  """JAX_PLATFORMS (or JAX_PLATFORM_NAME) puts the CPU first."""
   platforms = os.environ.get("JAX_PLATFORMS", os.environ.get("JAX_PLATFORM_NAME", ""))
-  return platforms.strip().lower() == "cpu"
+  return platforms.strip().lower().split(",")[0].strip() == "cpu"
 
 
 def _jax_started() -> bool:
@@ -82,12 +83,12 @@ def reuse_freed_memory(mode: str = "auto") -> bool:
 
   Args:
     mode: 'reuse' (apply), 'default' (leave the allocator alone), or 'auto' (apply
-      unless a TPU / GPU plugin for jax is installed and JAX_PLATFORMS is not 'cpu').
+      unless a TPU / GPU plugin for jax is installed and JAX_PLATFORMS does not start
+      with 'cpu').
 
   Returns:
-    Whether the settings are in effect. False on non-glibc systems, with 'default',
-    when 'auto' decides against it, or when JAX's backend is already initialised (too
-    late; 'reuse' then logs a warning).
+    Whether the settings are in effect: False on non-glibc systems, with 'default', or
+    when 'auto' decides against it.
 
   Raises:
     ValueError: an unknown mode.
@@ -98,22 +99,20 @@ def reuse_freed_memory(mode: str = "auto") -> bool:
   if _applied:
     return True
   try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
+    mallopt = ctypes.CDLL(None).mallopt  # The C library this process already runs on.
   except (OSError, AttributeError):
     return False  # Not glibc (macOS, musl): nothing to tune.
   if _jax_started():
-    if mode == "auto":
-      return False
-    logging.warning(
-        "host_memory=%r has no effect: JAX's backend is already initialised and its "
-        "threads keep their allocator arenas. Call sparse_attn.hostmem."
-        "reuse_freed_memory() before JAX's first computation.", mode)
-    return False
-  ok = all(mallopt(param, value) == 1 for param, value in (
+    # Worker threads keep the arenas they already have, so blocks above an arena's 64 MB
+    # heap can still be mapped afresh; the other settings act at once.
+    logging.log(logging.WARNING if mode == "reuse" else logging.INFO,
+                "host_memory=%r applied after JAX started: only partly effective. Call "
+                "sparse_attn.hostmem.reuse_freed_memory() before JAX's first "
+                "computation.", mode)
+  results = [mallopt(param, value) for param, value in (
       (_M_ARENA_MAX, 1),              # One heap: worker threads' blocks are reusable too.
       (_M_MMAP_MAX, 0),               # Big blocks from the heap, not fresh mappings.
       (_M_TRIM_THRESHOLD, 2**31 - 1),  # Never give the heap's top back to the kernel.
-      (_M_TOP_PAD, 64 << 20)))        # Grow the heap in 64 MB steps.
-  _applied = ok
-  return ok
+      (_M_TOP_PAD, 64 << 20))]        # Grow the heap in 64 MB steps.
+  _applied = all(r == 1 for r in results)
+  return _applied

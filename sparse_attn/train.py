@@ -567,6 +567,9 @@ def evaluate_workdir(workdir: str | pathlib.Path, config=None, step: int | None 
     (metrics per split, the Run, the frozen structure used).
   """
   workdir = pathlib.Path(workdir).absolute()
+  # Before the checkpointer below starts JAX (the saved config is not read yet).
+  hostmem.reuse_freed_memory("auto" if config is None else
+                             config_lib.validate(config).train.host_memory)
   if config is not None:
     sharding.maybe_initialize_distributed(config)  # Before anything touches the backend.
   else:

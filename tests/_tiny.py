@@ -46,6 +46,7 @@ def tiny_config(overrides: Mapping[str, Any] | None = None):
   c.train.eval_batch_size = 8
   c.train.num_steps = 6
   c.train.log_every = 1
+  c.train.host_memory = "default"  # Keep the test process's allocator independent of order.
   c.checkpoint.every_steps = 2
   c.checkpoint.async_save = False
   for key, value in (overrides or {}).items():
