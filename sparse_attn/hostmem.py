@@ -17,9 +17,10 @@ allocated yet, so call it before JAX's first computation (the entry points do:
 `train.setup` and `train.evaluate_workdir` honour the `train.host_memory` config key);
 applied later it still helps, partly. The cost is resident memory: freed memory is never
 returned to the OS and one heap fragments more, so the process's peak RSS grows (the
-dense fine-tuning run `configs/finetune.py`: 2.2 GB -> 4.2 GB, for 191 s -> 166 s). Use 'default' where
-host RAM is tight. On accelerators the big buffers live in device memory, so 'auto'
-leaves the host allocator alone when an accelerator plugin is installed.
+dense fine-tuning run `configs/finetune.py`: 2.2 GB -> 4.2 GB, for 191 s -> 166 s).
+Use 'default' where host RAM is tight. On accelerators the big buffers live in device
+memory, so 'auto' leaves the host allocator alone when an accelerator plugin is
+installed.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ def _check_outputs(out):
 
 
 def test_quick_attention_section(tmp_path):
-  bench.main(["--out", str(tmp_path), "--quick", "--host-memory", "default", "--only", "attention"])
+  bench.main(["--out", str(tmp_path), "--quick", "--host-memory", "default",
+              "--only", "attention"])
   res = _check_outputs(tmp_path)
   row = res["attention"][0]
   for key in ("rho_elem", "rho_block", "speedup_fwd", "speedup_fwdbwd", "of_ideal_fwd",
@@ -31,7 +32,8 @@ def test_quick_attention_section(tmp_path):
 @pytest.mark.slow
 def test_quick_all_sections(tmp_path):
   """(slow: compiles ~20 tiny train and inference steps.)"""
-  bench.main(["--out", str(tmp_path), "--quick", "--host-memory", "default", "--only", "attention,long,pruned"])
+  bench.main(["--out", str(tmp_path), "--quick", "--host-memory", "default",
+              "--only", "attention,long,pruned"])
   res = _check_outputs(tmp_path)
   long = res["long_model"]
   for mode in ("infer", "train"):
@@ -57,4 +59,5 @@ def test_model_flops_by_hand():
 
 def test_keep_layers_outside_the_model_is_an_error(tmp_path):
   with pytest.raises(SystemExit, match="outside the model"):
-    bench.main(["--out", str(tmp_path), "--quick", "--host-memory", "default", "--only", "pruned", "--keep-layers", "5"])
+    bench.main(["--out", str(tmp_path), "--quick", "--host-memory", "default",
+                "--only", "pruned", "--keep-layers", "5"])
