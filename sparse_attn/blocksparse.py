@@ -16,7 +16,8 @@ style: it saves O and the row log-sum-exp only and recomputes the probabilities
 key-major, so no rho-sized tensor is stored or transposed and offset slots need no
 scatter. By default heads are processed one at a time (`lax.map`): each head's scores
 then stay in cache, which on CPU is worth more than the loop costs. The heads are split
-over independent loops, one per host core, which XLA's CPU runtime can run side by side.
+over independent loops, one per host core, which a runtime may run side by side (on the
+2-core CPU measured in docs/benchmarks.md, one loop and two time the same).
 
 Shape legend: B batch, L sequence length, Q / K query / key length, H heads, D head dim,
 b block size, NQ / NK number of query / key blocks, M slots of a group.
@@ -365,8 +366,8 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
       scores in cache; default: when the layout is shared by the batch.
     heads_per_step: heads per loop step (independent ops that XLA can run on
       different cores); 1 if it does not divide H.
-    loops: split the heads over this many independent loops, which XLA's CPU runtime
-      runs concurrently (one per core); default: the host's cores, at most H / (heads
+    loops: split the heads over this many independent loops, which a runtime may run
+      concurrently (one per core); default: the host's cores, at most H / (heads
       per step), lowered until it divides that.
 
   Returns:
