@@ -33,6 +33,7 @@ import numpy as np
 
 from sparse_attn import attention as attention_lib
 from sparse_attn import blocksparse
+from sparse_attn import cpu_kernel
 from sparse_attn.masks import layout as layout_lib
 
 Array = jax.Array
@@ -62,7 +63,8 @@ class CostModel:
   can make eff > 1). eff is interpolated (log-linear in b) from `eff_table`, measured
   with `bench.py` (CPU: 2-core x86, float32, host memory reused, band masks at L = 1024-
   4096: `speedup` inverted on each row's measured fwd and fwd+bwd speed-ups, the lower
-  of the two, median over the rows of a block size; docs/benchmarks.md). GPU / TPU
+  of the two, median over the rows of a block size; docs/benchmarks.md). The default
+  table is the pure-JAX executor's; 'cpu_kernel' is the compiled CPU kernel's. GPU / TPU
   tables follow published block-sparse efficiencies (~0.6-0.9 of ideal) until measured
   there.
   """
@@ -82,6 +84,10 @@ class CostModel:
 
 COST_MODELS = {
     "cpu": CostModel(),
+    # Fitted as above on the kernel's rows (docs/bench_results/attention_kernel_*.json);
+    # b=16 is not measured and keeps the pure-JAX value.
+    "cpu_kernel": CostModel(eff_table=((16, 0.12), (32, 0.64), (64, 0.86), (128, 1.24),
+                                       (256, 1.25))),
     "gpu": CostModel(eff_table=((32, 0.3), (64, 0.55), (128, 0.65), (256, 0.65))),
     "tpu": CostModel(eff_table=((128, 0.8), (256, 0.85), (512, 0.9)), min_length=1024),
 }
@@ -104,7 +110,8 @@ def _slots(lay: layout_lib.BlockLayout) -> int:
 def choose(mask: Any, *, platform_name: str | None = None,
            block_sizes: Sequence[int] | None = None, min_speedup: float = 1.25,
            cost_model: CostModel | None = None, dtype: Any = jnp.float32,
-           head_dim: int | None = None) -> tuple[Choice, layout_lib.BlockLayout | None]:
+           head_dim: int | None = None,
+           dropout: bool = False) -> tuple[Choice, layout_lib.BlockLayout | None]:
   """Chooses dense vs block-sparse (and the block size) for a bool mask.
 
   Args:
@@ -113,14 +120,21 @@ def choose(mask: Any, *, platform_name: str | None = None,
     block_sizes: candidates (default: `BLOCK_SIZES[platform]`).
     min_speedup: block-sparse is chosen only if predicted to be at least this much
       faster than dense (the margin that keeps 'auto' from being slower than dense).
-    cost_model: overrides `COST_MODELS[platform]`.
-    dtype, head_dim: the attention inputs' dtype and head size (cuDNN eligibility).
+    cost_model: overrides `COST_MODELS[platform]` (on CPU: 'cpu_kernel' when the
+      compiled kernel will run the calls, i.e. float32, no dropout, and it is available).
+    dtype, head_dim: the attention inputs' dtype and head size (cuDNN / CPU-kernel
+      eligibility).
+    dropout: whether the calls use attention dropout (the CPU kernel has none).
 
   Returns:
     (Choice, the BlockLayout at the chosen block size or None for dense).
   """
   plat = platform_name or platform()
-  cm = cost_model or COST_MODELS.get(plat, CostModel())
+  key = plat
+  if plat == "cpu" and not dropout and np.dtype(dtype) == np.float32:
+    probe = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32)
+    key = "cpu" if cpu_kernel.unsupported(probe, probe, probe, 0.0) else "cpu_kernel"
+  cm = cost_model or COST_MODELS.get(key, CostModel())
   m = np.asarray(mask)
   q_len, k_len = m.shape[-2:]
   if plat == "gpu":

@@ -108,7 +108,8 @@ def model_flops(cfg, batch: int, length: int, rho: float = 1.0) -> float:
 
 def bench_attention(lengths, windows, batch, heads, head_dim, block_size, repeats):
   """dense (no mask) / masked dense / block-sparse attention, forward and fwd+bwd."""
-  from sparse_attn import accel, blocksparse  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from sparse_attn import accel, blocksparse, cpu_kernel
   from sparse_attn import attention as attention_lib  # pylint: disable=import-outside-toplevel
   from sparse_attn.masks import patterns  # pylint: disable=import-outside-toplevel
   rows = []
@@ -127,23 +128,33 @@ def bench_attention(lengths, windows, batch, heads, head_dim, block_size, repeat
         obj = blocksparse.BlockSparseMask.from_layout(lay)
       lay = obj.layout
       auto, _ = accel.choose(mask, platform_name="cpu")   # What backend='auto' runs.
-      variants = {"dense": (None, "dense"), "masked": (jnp.asarray(mask), "dense"),
-                  "blocksparse": (obj, "blocksparse")}
+      mk = jnp.asarray(mask)
+      # 'blocksparse' is what backend='blocksparse' runs here (on CPU: the compiled
+      # kernel when it builds); 'blocksparse_xla' is the pure-JAX executor that GPU / TPU
+      # lower, timed on this host too.
+      variants = {
+          "dense": lambda q, k, v: attention_lib.dot_product_attention(q, k, v),
+          "masked": lambda q, k, v: attention_lib.dot_product_attention(q, k, v, mask=mk),
+          "blocksparse": lambda q, k, v: attention_lib.dot_product_attention(
+              q, k, v, mask=obj, backend="blocksparse"),
+          "blocksparse_xla": lambda q, k, v: blocksparse.attend(
+              obj.plan, q, k, v, gmasks=obj.gmasks, impl="xla")}
       fns = {}
-      for name, (m, backend) in variants.items():
-        attn = lambda q, k, v, m, backend=backend: attention_lib.dot_product_attention(
-            q, k, v, mask=m, backend=backend)
+      for name, attn in variants.items():
         fwd = jax.jit(attn)
-        fb = jax.jit(jax.grad(lambda q, k, v, m, attn=attn: jnp.sum(attn(q, k, v, m) * w),
+        fb = jax.jit(jax.grad(lambda q, k, v, attn=attn: jnp.sum(attn(q, k, v) * w),
                               argnums=(0, 1, 2)))
-        fns[f"{name}/fwd"] = (lambda f=fwd, m=m: f(q, k, v, m))
-        fns[f"{name}/fwdbwd"] = (lambda f=fb, m=m: f(q, k, v, m))
+        fns[f"{name}/fwd"] = (lambda f=fwd: f(q, k, v))
+        fns[f"{name}/fwdbwd"] = (lambda f=fb: f(q, k, v))
       t = interleaved(fns, repeats)
       rho = lay.block_density
       row = {"L": length, "window": win, "block_size": lay.block_size, "batch": batch,
              "heads": heads, "head_dim": head_dim, "rho_elem": lay.element_density,
              "rho_block": rho, "slots": obj.plan.num_slots, "auto": auto.executor,
-             "auto_block_size": auto.block_size, "times": t}
+             "auto_block_size": auto.block_size,
+             "cpu_kernel": bool(jax.default_backend() == "cpu" and not
+                                cpu_kernel.unsupported(q, k, v, 0.0)),
+             "times": t}
       for mode in ("fwd", "fwdbwd"):
         s = t[f"masked/{mode}"]["median"] / t[f"blocksparse/{mode}"]["median"]
         s_cpu = t[f"masked/{mode}"]["cpu"] / t[f"blocksparse/{mode}"]["cpu"]
@@ -151,6 +162,8 @@ def bench_attention(lengths, windows, batch, heads, head_dim, block_size, repeat
         row[f"speedup_{mode}_cpu"] = s_cpu
         row[f"of_ideal_{mode}"] = s * rho
         row[f"of_ideal_{mode}_cpu"] = s_cpu * rho
+        s_xla = t[f"masked/{mode}"]["median"] / t[f"blocksparse_xla/{mode}"]["median"]
+        row[f"of_ideal_{mode}_xla"] = s_xla * rho
         # 'auto' runs dense unless the chooser picked block-sparse (at this block size).
         same_b = auto.block_size == lay.block_size
         row[f"auto_speedup_{mode}"] = (s if auto.executor == "blocksparse" and same_b else
@@ -158,7 +171,9 @@ def bench_attention(lengths, windows, batch, heads, head_dim, block_size, repeat
       rows.append(row)
       print(f"[attention] L={length} w={win} b={lay.block_size} rho_block={rho:.3f} "
             f"fwd x{row['speedup_fwd']:.2f} ({row['of_ideal_fwd']:.2f} of ideal) "
-            f"fwd+bwd x{row['speedup_fwdbwd']:.2f} ({row['of_ideal_fwdbwd']:.2f})",
+            f"fwd+bwd x{row['speedup_fwdbwd']:.2f} ({row['of_ideal_fwdbwd']:.2f}); "
+            f"pure-JAX executor {row['of_ideal_fwd_xla']:.2f} / "
+            f"{row['of_ideal_fwdbwd_xla']:.2f} of ideal",
             flush=True)
   return rows
 
@@ -211,7 +226,7 @@ def bench_long_model(length, window, batch, layers, hidden, heads, block_size, r
                      peak):
   """A small BERT at long L with a band mask: dense / masked / block-sparse steps."""
   from sparse_attn import attention as attention_lib  # pylint: disable=import-outside-toplevel
-  from sparse_attn import blocksparse  # pylint: disable=import-outside-toplevel
+  from sparse_attn import blocksparse, cpu_kernel  # pylint: disable=import-outside-toplevel
   from sparse_attn import model as model_lib  # pylint: disable=import-outside-toplevel
   from sparse_attn.masks import patterns  # pylint: disable=import-outside-toplevel
   attention_lib.register_backend("bench_noop")(_noop_backend)
@@ -253,7 +268,10 @@ def bench_long_model(length, window, batch, layers, hidden, heads, block_size, r
   t = interleaved(fns, repeats)
   out = {"L": length, "window": window, "batch": batch, "layers": layers,
          "hidden": hidden, "heads": heads, "block_size": block_size, "rho_block": rho,
-         "rho_elem": obj.layout.element_density, "times": t}
+         "rho_elem": obj.layout.element_density,
+         "cpu_kernel": bool(jax.default_backend() == "cpu" and not cpu_kernel.unsupported(
+             q, q, q, cfg.attention_probs_dropout_prob)),
+         "times": t}
   for mode, mult in (("infer", 1.0), ("train", 3.0)):
     tm = t[f"masked/{mode}"]["median"]
     f_noop = max(0.0, 1.0 - t[f"no_attention_core/{mode}"]["median"] / tm)
@@ -365,8 +383,9 @@ def _markdown(res: dict) -> str:
     lines += ["## Attention alone (B={batch}, H={heads}, D={head_dim})\n".format(
         **res["attention"][0]),
         "| L | window | b | rho_elem | rho_block | masked fwd ms | sparse fwd ms | "
-        "fwd x | of ideal | masked f+b ms | sparse f+b ms | f+b x | of ideal | auto |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "fwd x | of ideal | masked f+b ms | sparse f+b ms | f+b x | of ideal | "
+        "pure-JAX of ideal (fwd / f+b) | auto |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["attention"]:
       t = r["times"]
       lines.append(
@@ -375,7 +394,8 @@ def _markdown(res: dict) -> str:
           f"{t['blocksparse/fwd']['median'] * 1e3:.1f} | {r['speedup_fwd']:.2f} | "
           f"{r['of_ideal_fwd']:.2f} | {t['masked/fwdbwd']['median'] * 1e3:.1f} | "
           f"{t['blocksparse/fwdbwd']['median'] * 1e3:.1f} | {r['speedup_fwdbwd']:.2f} | "
-          f"{r['of_ideal_fwdbwd']:.2f} | {r['auto']}"
+          f"{r['of_ideal_fwdbwd']:.2f} | {r['of_ideal_fwd_xla']:.2f} / "
+          f"{r['of_ideal_fwdbwd_xla']:.2f} | {r['auto']}"
           f"{'' if r['auto_block_size'] is None else ' b=%d' % r['auto_block_size']} |")
   if res.get("long_model"):
     r = res["long_model"]

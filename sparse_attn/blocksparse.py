@@ -1,4 +1,4 @@
-"""Block-sparse attention in pure JAX: only the tiles a static layout lists are computed.
+"""Block-sparse attention: only the tiles a static layout lists are computed (pure JAX).
 
 Runs on CPU, GPU and TPU (no Pallas), forward and backward, and equals the 'dense'
 reference (to float32 rounding) for bool masks, key padding, partial tiles, fully masked
@@ -19,6 +19,11 @@ then stay in cache, which on CPU is worth more than the loop costs. The heads ar
 over independent loops, one per host core, which a runtime may run side by side (on the
 2-core CPU measured in docs/benchmarks.md, one loop and two time the same).
 
+On CPU, `attend` runs the same computation as a compiled kernel (`cpu_kernel`, a
+`jax.ffi` custom call that spreads tiles over XLA's thread pool) whenever it applies
+(float32, no dropout, one CPU device, a C++ compiler on the host); `impl='xla'` forces
+this module's executor, which is also what GPU and TPU lower.
+
 Shape legend: B batch, L sequence length, Q / K query / key length, H heads, D head dim,
 b block size, NQ / NK number of query / key blocks, M slots of a group.
 """
@@ -35,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attn import attention as attention_lib
+from sparse_attn import cpu_kernel
 from sparse_attn.masks import layout as layout_lib
 
 Array = jax.Array
@@ -353,7 +359,7 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
            gmasks: tuple[Array | None, ...] | None = None, key_valid: Array | None = None,
            dropout_rng: Array | None = None, dropout_rate: float = 0.0,
            head_loop: bool | None = None, heads_per_step: int = 1,
-           loops: int | None = None) -> Array:
+           loops: int | None = None, impl: str = "auto") -> Array:
   """Block-sparse attention over a plan's tiles.
 
   Args:
@@ -369,10 +375,16 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
     loops: split the heads over this many independent loops, which a runtime may run
       concurrently (one per core); default: the host's cores, at most H / (heads
       per step), lowered until it divides that.
+    impl: 'xla' (this module's pure-JAX executor, every platform), 'kernel' (the
+      compiled multithreaded CPU kernel of `cpu_kernel`; raises if it cannot run this
+      call) or 'auto' (the kernel on CPU when it can run the call, else 'xla'; GPU and
+      TPU always lower 'xla'). head_loop, heads_per_step and loops tune 'xla' only.
 
   Returns:
     [B, Q, H, D] attention output in the dtype of `query`.
   """
+  if impl not in ("auto", "xla", "kernel"):
+    raise ValueError(f"impl must be 'auto', 'xla' or 'kernel'; got {impl!r}.")
   lay = plan.layout
   b = lay.block_size
   bsz, q_len, h, depth = query.shape
@@ -385,6 +397,32 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
   if lbm not in (1, bsz) or lhm not in (1, h):
     raise ValueError(f"The block layout has batch x heads {lbm} x {lhm}, which does not "
                      f"broadcast to {bsz} x {h}.")
+  rate = float(dropout_rate) if dropout_rng is not None else 0.0
+  if key_valid is not None and key_valid.shape != (bsz, k_len):
+    raise ValueError(f"key_valid has shape {key_valid.shape}; expected [B, K] = "
+                     f"{(bsz, k_len)}.")
+  xla = lambda: _attend_xla(plan, query, key, value, gmasks, key_valid, dropout_rng, rate,
+                            head_loop, heads_per_step, loops)
+  if impl == "xla":
+    return xla()
+  why = cpu_kernel.unsupported(query, key, value, rate)
+  if why:
+    if impl == "kernel":
+      raise ValueError(f"impl='kernel' cannot run this call: {why}. Use impl='auto' or "
+                       "'xla'.")
+    return xla()
+  kernel = lambda: cpu_kernel.attend(lay, query, key, value, key_valid).astype(query.dtype)
+  return jax.lax.platform_dependent(cpu=kernel, default=xla)
+
+
+def _attend_xla(plan, query, key, value, gmasks, key_valid, dropout_rng, rate, head_loop,
+                heads_per_step, loops):
+  """The pure-JAX executor of `attend` (arguments as there; rate already resolved)."""
+  lay = plan.layout
+  b = lay.block_size
+  bsz, q_len, h, depth = query.shape
+  k_len = key.shape[1]
+  lbm = lay.block_mask.shape[0]
   if gmasks is None:
     gmasks = _device_masks(plan)
   gidx = tuple(None if g.kind == "offset" else jnp.asarray(g.index) for g in plan.groups)
@@ -395,12 +433,8 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
   v = _to_blocks(value, nk, b)
   kvalid = None
   if key_valid is not None:
-    if key_valid.shape != (bsz, k_len):
-      raise ValueError(f"key_valid has shape {key_valid.shape}; expected [B, K] = "
-                       f"{(bsz, k_len)}.")
     kvalid = jnp.pad(key_valid.astype(jnp.bool_), ((0, 0), (0, nk * b - k_len)))
     kvalid = kvalid.reshape(bsz, nk, b)
-  rate = float(dropout_rate) if dropout_rng is not None else 0.0
   rng = dropout_rng if rate > 0.0 else None
   gmasks = tuple(gmasks)
   if head_loop is None:

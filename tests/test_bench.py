@@ -25,8 +25,9 @@ def test_quick_attention_section(tmp_path):
               "of_ideal_fwdbwd"):
     assert row[key] > 0
   assert row["of_ideal_fwd"] == pytest.approx(row["speedup_fwd"] * row["rho_block"])
-  assert set(row["times"]) == {f"{v}/{m}" for v in ("dense", "masked", "blocksparse")
-                               for m in ("fwd", "fwdbwd")}
+  assert set(row["times"]) == {f"{v}/{m}" for m in ("fwd", "fwdbwd") for v in (
+      "dense", "masked", "blocksparse", "blocksparse_xla")}
+  assert row["of_ideal_fwd_xla"] > 0 and isinstance(row["cpu_kernel"], bool)
 
 
 @pytest.mark.slow

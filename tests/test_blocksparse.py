@@ -7,6 +7,7 @@ import pytest
 
 from sparse_attn import attention
 from sparse_attn import blocksparse
+from sparse_attn import cpu_kernel
 from sparse_attn import model as model_lib
 from sparse_attn.masks import patterns
 
@@ -19,8 +20,21 @@ def _qkv(seed=0, b=B, q_len=L, k_len=L):
   return mk(q_len), mk(k_len), mk(k_len), mk(q_len)
 
 
-def _check(mask, block_size=16, key_valid=None, seed=0, **plan_options):
-  """Forward and q/k/v gradients of 'blocksparse' vs 'dense' on the same mask."""
+@pytest.fixture(params=["xla", "kernel"])
+def impl(request, monkeypatch):
+  """Runs a test with the pure-JAX executor and with the compiled CPU kernel."""
+  if request.param == "xla":
+    monkeypatch.setenv("SPARSE_ATTN_CPU_KERNEL", "0")
+  else:
+    monkeypatch.delenv("SPARSE_ATTN_CPU_KERNEL", raising=False)
+    ok, why = cpu_kernel.load()
+    if not ok:
+      pytest.skip(f"CPU kernel unavailable: {why}")
+  return request.param
+
+
+def _check(mask, impl, block_size=16, key_valid=None, seed=0, **plan_options):
+  """Forward and q/k/v gradients of 'blocksparse' (executed by `impl`) vs 'dense'."""
   q, k, v, w = _qkv(seed, k_len=mask.shape[-1], q_len=mask.shape[-2])
   obj = blocksparse.BlockSparseMask.from_mask(mask, block_size, **plan_options)
 
@@ -31,7 +45,11 @@ def _check(mask, block_size=16, key_valid=None, seed=0, **plan_options):
 
   grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
   (gd, od) = grad(q, k, v, jnp.asarray(mask), "dense")
-  (gs, os_) = jax.jit(grad, static_argnums=4)(q, k, v, obj, "blocksparse")
+  step = jax.jit(grad, static_argnums=4)
+  (gs, os_) = step(q, k, v, obj, "blocksparse")
+  # The kernel ran iff asked for (its custom calls are in the compiled step).
+  hlo = step.lower(q, k, v, obj, "blocksparse").as_text()
+  assert ("sparse_attn_blocksparse_bwd" in hlo) == (impl == "kernel")
   np.testing.assert_allclose(os_, od, atol=2e-6)
   for a, b in zip(gs, gd):
     np.testing.assert_allclose(a, b, atol=5e-6)
@@ -46,59 +64,59 @@ def _kv(lengths):
   return jnp.asarray(np.arange(L)[None, :] < np.asarray(lengths)[:, None])
 
 
-def test_band_uses_offset_slots_only():
-  obj, _ = _check(patterns.window(L, 7))
+def test_band_uses_offset_slots_only(impl):
+  obj, _ = _check(patterns.window(L, 7), impl)
   assert [g.kind for g in obj.plan.groups] == ["offset"] * 3
 
 
 @pytest.mark.parametrize("stack", [False, True])
-def test_band_with_key_padding(stack):
-  _check(patterns.window(L, 9), key_valid=_kv([40, 13]), stack_offsets=stack)
+def test_band_with_key_padding(stack, impl):
+  _check(patterns.window(L, 9), impl, key_valid=_kv([40, 13]), stack_offsets=stack)
 
 
-def test_random_per_head_layout_with_fully_masked_rows():
+def test_random_per_head_layout_with_fully_masked_rows(impl):
   mask = np.random.default_rng(1).random((H, L, L)) < 0.1
   mask[:, 5] = False              # Row 5 attends nothing (static).
-  _, out = _check(mask, key_valid=_kv([L, 30]))
+  _, out = _check(mask, impl, key_valid=_kv([L, 30]))
   assert np.all(np.asarray(out)[:, 5] == 0)
 
 
-def test_rows_emptied_by_padding_are_zero():
+def test_rows_emptied_by_padding_are_zero(impl):
   mask = patterns.window(L, 2)
   kv = jnp.asarray(np.tile(np.arange(L) < 20, (B, 1)))   # Queries >= 23 see only padding.
-  _, out = _check(mask, key_valid=kv)
+  _, out = _check(mask, impl, key_valid=kv)
   assert np.all(np.asarray(out)[:, 23:] == 0)
 
 
-def test_per_example_layout_and_gathered_slots():
+def test_per_example_layout_and_gathered_slots(impl):
   mask = np.random.default_rng(2).random((B, 1, L, L)) < 0.08
-  obj, _ = _check(mask, key_valid=_kv([L, 41]), min_fill=1.01)   # Forces gathers.
+  obj, _ = _check(mask, impl, key_valid=_kv([L, 41]), min_fill=1.01)   # Forces gathers.
   assert [g.kind for g in obj.plan.groups] == ["gather"]
 
 
-def test_mixed_offset_and_gathered_slots():
+def test_mixed_offset_and_gathered_slots(impl):
   mask = patterns.union(patterns.window(L, 4), patterns.global_tokens(L, 2))
   mask = np.broadcast_to(mask, (H, L, L)).copy()
   mask[1, 30:40, 0:10] = True     # One head has an extra off-band patch.
-  obj, _ = _check(mask, key_valid=_kv([L, 33]), min_fill=0.9)
+  obj, _ = _check(mask, impl, key_valid=_kv([L, 33]), min_fill=0.9)
   assert {g.kind for g in obj.plan.groups} == {"offset", "gather"}
 
 
 @pytest.mark.parametrize("q_len,k_len", [(33, 50), (50, 21)])
-def test_cross_attention_lengths(q_len, k_len):
+def test_cross_attention_lengths(q_len, k_len, impl):
   mask = np.random.default_rng(3).random((q_len, k_len)) < 0.3
-  _check(mask, block_size=8)
+  _check(mask, impl, block_size=8)
 
 
-def test_empty_and_full_masks():
-  _, out = _check(np.zeros((L, L), bool))
+def test_empty_and_full_masks(impl):
+  _, out = _check(np.zeros((L, L), bool), impl)
   assert not np.asarray(out).any()
-  obj, _ = _check(np.ones((L, L), bool), key_valid=_kv([L, 17]))
+  obj, _ = _check(np.ones((L, L), bool), impl, key_valid=_kv([L, 17]))
   assert obj.layout.block_density == 1.0
 
 
-def test_block_size_larger_than_sequence():
-  _check(patterns.window(L, 3), block_size=64)
+def test_block_size_larger_than_sequence(impl):
+  _check(patterns.window(L, 3), impl, block_size=64)
 
 
 @pytest.mark.slow
@@ -190,7 +208,7 @@ def test_head_loop_on_and_off_agree_with_dense(head_loop, per_step, loops):
   kv = _kv([L, 36])
   f = lambda q, k, v: jnp.sum(blocksparse.attend(
       obj.plan, q, k, v, key_valid=kv, head_loop=head_loop, heads_per_step=per_step,
-      loops=loops) * w)
+      loops=loops, impl="xla") * w)
   ref = lambda q, k, v: jnp.sum(attention.dot_product_attention(
       q, k, v, mask=jnp.asarray(mask), key_valid=kv) * w)
   np.testing.assert_allclose(f(q, k, v), ref(q, k, v), rtol=1e-5)
@@ -222,7 +240,7 @@ def test_several_loops_of_several_steps_match_one_loop_with_dropout(per_head_lay
     np.testing.assert_allclose(a, b, atol=1e-6)
   # Without dropout, also equal to the dense reference.
   g = lambda q, k, v: blocksparse.attend(obj.plan, q, k, v, key_valid=kv, loops=2,
-                                         heads_per_step=2)
+                                         heads_per_step=2, impl="xla")
   mask = obj.element_mask()
   np.testing.assert_allclose(g(q, k, v), attention.dot_product_attention(
       q, k, v, mask=mask, key_valid=kv), atol=1e-5)

@@ -1,0 +1,214 @@
+"""A compiled block-sparse attention kernel for XLA:CPU (a `jax.ffi` custom call).
+
+XLA:CPU runs each batched tile product of the pure-JAX executor (`blocksparse.py`) on
+one core and rarely overlaps them, so on a multi-core host that executor leaves cores
+idle. This kernel (`blocksparse_cpu.cc`) computes the same forward and FlashAttention-
+style backward over the layout's tile list, spreading (example, head, query block) work
+items over XLA's intra-op thread pool, with a register-blocked float32 GEMM and a
+vectorised exp.
+
+It is built on first use with the host's C++ compiler (`$CXX`, else `c++` / `g++`) for
+the host CPU (`-march=native`) into `<cache>/cpu_kernel/`, keyed by the source, the
+compiler, the flags, jaxlib's version and the CPU; the build is written to a temporary
+file and renamed, so a crashed build never leaves a broken library. Without a compiler
+(or with `SPARSE_ATTN_CPU_KERNEL=0`) `available()` is False and the pure-JAX executor
+runs instead; `blocksparse.attend(..., impl='kernel')` then raises with the reason.
+
+Scope: float32, no attention dropout, one CPU device in the process (the custom call is
+not partitioned, so under a multi-device mesh the pure-JAX executor is used), on CPU
+only: inside `lax.platform_dependent`, GPU and TPU always lower the pure-JAX executor.
+
+Shape legend: B batch, Q / K query / key length, H heads, D head dim, b block size,
+NQ / NK query / key blocks, C longest tile list of a query block.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_attn.masks import layout as layout_lib
+
+SOURCE = pathlib.Path(__file__).with_name("blocksparse_cpu.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_FWD, _BWD = "sparse_attn_blocksparse_fwd", "sparse_attn_blocksparse_bwd"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cpu_id() -> str:
+  """The CPU model and feature flags (what -march=native compiles for)."""
+  try:
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    keep = [l for l in lines if l.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep)
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def _build(cxx: str) -> pathlib.Path:
+  """Compiles the kernel (or finds the cached build) and returns the library path."""
+  from sparse_attn import assets  # pylint: disable=import-outside-toplevel
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                           check=False).stdout.splitlines()[:1]
+  key = hashlib.sha256("\0".join(
+      [SOURCE.read_text(), cxx, *version, *FLAGS, jaxlib.__version__, _cpu_id()]).encode())
+  out_dir = assets.cache_dir() / "cpu_kernel"
+  lib = out_dir / f"blocksparse_cpu_{key.hexdigest()[:16]}.so"
+  if lib.exists():
+    return lib
+  out_dir.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+  os.close(fd)
+  try:
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode:
+      raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{res.stderr[-2000:]}")
+    os.replace(tmp, lib)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return lib
+
+
+def load() -> tuple[bool, str]:
+  """Builds and registers the kernel once per process.
+
+  Returns:
+    (ok, reason): whether the kernel can be used, and why not.
+  """
+  with _lock:
+    if "ok" in _state:
+      return _state["ok"], _state["reason"]
+    ok, reason = False, ""
+    if (cxx := _compiler()) is None:
+      reason = "no C++ compiler was found (set $CXX, or install g++)"
+    else:
+      try:
+        lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+        jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(lib.SparseAttnBlockSparseFwd),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(_BWD, jax.ffi.pycapsule(lib.SparseAttnBlockSparseBwd),
+                                    platform="cpu")
+        ok = True
+      except (OSError, RuntimeError, AttributeError) as e:
+        reason = f"it did not build or load: {e}"
+        logging.warning("sparse_attn: the CPU block-sparse kernel is unavailable: %s. "
+                        "Using the pure-JAX executor.", reason)
+    _state.update(ok=ok, reason=reason)
+    return ok, reason
+
+
+def unsupported(query: jax.Array, key: jax.Array, value: jax.Array,
+                dropout_rate: float) -> str:
+  """Why the kernel cannot run this call ('' if it can)."""
+  if os.environ.get("SPARSE_ATTN_CPU_KERNEL", "1").lower() in ("0", "false", "no", "off"):
+    return "it is disabled by SPARSE_ATTN_CPU_KERNEL"
+  if any(x.dtype != jnp.float32 for x in (query, key, value)):
+    return "it takes float32 only"
+  if dropout_rate > 0.0:
+    return "it has no attention dropout"
+  if len(jax.devices("cpu")) > 1:
+    return "it is not partitioned, and the process has several CPU devices"
+  ok, reason = load()
+  return "" if ok else reason
+
+
+@functools.lru_cache(maxsize=64)
+def tables(lay: layout_lib.BlockLayout) -> tuple[np.ndarray, ...]:
+  """The layout as the kernel's tile lists.
+
+  Returns:
+    num int32 [Bm, Hm, NQ]; cols, pidx int32 [Bm, Hm, NQ, C] (listed key blocks and
+    their partial-tile index, -1 for full tiles); tiles uint8 [max(P, 1), b, b].
+  """
+  num, idx = lay.kv_lists("nonempty")
+  c = max(int(num.max(initial=0)), 1)
+  cols = np.ascontiguousarray(idx[..., :c], np.int32)
+  pidx = np.take_along_axis(lay.partial_index, cols, axis=-1).astype(np.int32)
+  b = lay.block_size
+  tiles = (lay.partial_blocks if len(lay.partial_blocks)
+           else np.zeros((1, b, b), bool)).astype(np.uint8)
+  return num.astype(np.int32), cols, pidx, np.ascontiguousarray(tiles)
+
+
+def _call(name, shapes, *args):
+  return jax.ffi.ffi_call(name, shapes, vmap_method="sequential")(*args)
+
+
+@jax.custom_vjp
+def _core(q, k, v, kvalid, num, cols, pidx, tiles):
+  return _core_fwd(q, k, v, kvalid, num, cols, pidx, tiles)[0]
+
+
+def _core_fwd(q, k, v, kvalid, num, cols, pidx, tiles):
+  bsz, h, lq, _ = q.shape
+  o, lse = _call(_FWD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                        jax.ShapeDtypeStruct((bsz, h, lq), jnp.float32)),
+                 q, jnp.swapaxes(k, -1, -2), v, num, cols, pidx, tiles, kvalid)
+  return o, (q, k, v, kvalid, num, cols, pidx, tiles, o, lse)
+
+
+def _core_bwd(res, do):
+  q, k, v, kvalid, num, cols, pidx, tiles, o, lse = res
+  f32 = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  dq, dk, dv = _call(_BWD, (f32(q), f32(k), f32(v)), q, k, jnp.swapaxes(k, -1, -2),
+                     jnp.swapaxes(v, -1, -2), o, lse, do.astype(jnp.float32), num, cols,
+                     pidx, tiles, kvalid)
+  return dq, dk, dv, None, None, None, None, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def attend(lay: layout_lib.BlockLayout, query: jax.Array, key: jax.Array,
+           value: jax.Array, key_valid: jax.Array | None = None) -> jax.Array:
+  """Block-sparse attention with the compiled kernel (call `load()` first).
+
+  Args:
+    lay: the static layout (Q, K must match the inputs).
+    query: [B, Q, H, D] float32; key, value: [B, K, H, D] float32.
+    key_valid: [B, K] bool, False for padding keys.
+
+  Returns:
+    [B, Q, H, D] float32, equal to the dense reference under the layout's mask.
+  """
+  b = lay.block_size
+  bsz, q_len, _, depth = query.shape
+  k_len = key.shape[1]
+  lq, lk = lay.num_q_blocks * b, lay.num_k_blocks * b
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+  heads_major = lambda x: jnp.transpose(x, (0, 2, 1, 3))
+  q = heads_major(pad(query * jnp.float32(1.0 / np.sqrt(depth)), lq))
+  k, v = heads_major(pad(key, lk)), heads_major(pad(value, lk))
+  valid = jnp.arange(lk) < k_len
+  if key_valid is None:
+    kvalid = jnp.broadcast_to(valid, (bsz, lk))
+  else:
+    kvalid = jnp.pad(key_valid.astype(jnp.bool_), ((0, 0), (0, lk - k_len))) & valid
+  num, cols, pidx, tiles = (jnp.asarray(t) for t in tables(lay))
+  o = _core(q, k, v, kvalid.astype(jnp.uint8), num, cols, pidx, tiles)
+  return jnp.transpose(o, (0, 2, 1, 3))[:, :q_len]

@@ -1,0 +1,130 @@
+"""The compiled CPU block-sparse kernel: equal to the dense reference and to the pure-JAX
+executor at realistic tile shapes, used only where it applies, and safe to build."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_attn import attention
+from sparse_attn import blocksparse
+from sparse_attn import cpu_kernel
+from sparse_attn.masks import patterns
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+  monkeypatch.delenv("SPARSE_ATTN_CPU_KERNEL", raising=False)
+  ok, why = cpu_kernel.load()
+  if not ok:
+    pytest.skip(f"CPU kernel unavailable: {why}")
+
+
+def _inputs(b, length, h, d, seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.standard_normal((b, length, h, d)), dtype) for _ in range(4))
+
+
+@pytest.mark.parametrize("length, block, depth, per", [
+    (300, 64, 64, None),       # 64-row tiles: 6-row micro-kernels plus a 4-row remainder.
+    (256, 32, 40, "head"),     # Head dim not a multiple of 16: the column tail.
+    (200, 32, 16, "example"),  # A layout per example, gathered (off-band) tiles.
+])
+def test_kernel_matches_dense_and_xla(kernel, length, block, depth, per):
+  bsz, h = 2, 3
+  rng = np.random.default_rng(1)
+  band = patterns.window(length, 20)
+  if per == "head":
+    mask = np.stack([band, rng.random((length, length)) < 0.05, band.T & (rng.random(
+        (length, length)) < 0.5)])
+  elif per == "example":
+    mask = (rng.random((bsz, 1, length, length)) < 0.04) | band
+  else:
+    mask = band
+  q, k, v, w = _inputs(bsz, length, h, depth)
+  kv = jnp.asarray(np.arange(length)[None] < np.array([[length], [length - 45]]))
+  obj = blocksparse.BlockSparseMask.from_mask(mask, block)
+
+  def run(fn):
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+    return jax.jit(fn)(q, k, v), jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
+
+  dense = run(lambda q, k, v: attention.dot_product_attention(
+      q, k, v, mask=jnp.asarray(mask), key_valid=kv))
+  for impl in ("kernel", "xla"):
+    out, grads = run(lambda q, k, v, impl=impl: blocksparse.attend(
+        obj.plan, q, k, v, key_valid=kv, impl=impl))
+    np.testing.assert_allclose(out, dense[0], atol=3e-6)
+    for a, b in zip(grads, dense[1]):
+      np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_auto_uses_the_kernel_on_cpu_only_where_it_applies(kernel, monkeypatch):
+  q, k, v, _ = _inputs(1, 128, 2, 16)
+  obj = blocksparse.BlockSparseMask.from_mask(patterns.window(128, 10), 32)
+  hlo = lambda fn, *a: jax.jit(fn).lower(*a).as_text()
+  call = lambda **kw: (lambda q, k, v: blocksparse.attend(obj.plan, q, k, v, **kw))
+  assert "sparse_attn_blocksparse_fwd" in hlo(call(), q, k, v)
+  assert "sparse_attn_blocksparse_fwd" not in hlo(call(impl="xla"), q, k, v)
+  # Dropout and bfloat16 fall back to the pure-JAX executor; impl='kernel' says why.
+  drop = call(dropout_rng=jax.random.key(0), dropout_rate=0.1)
+  assert "sparse_attn_blocksparse_fwd" not in hlo(drop, q, k, v)
+  with pytest.raises(ValueError, match="no attention dropout"):
+    blocksparse.attend(obj.plan, q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1,
+                       impl="kernel")
+  bf = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+  assert "sparse_attn_blocksparse_fwd" not in hlo(call(), *bf)
+  with pytest.raises(ValueError, match="float32 only"):
+    blocksparse.attend(obj.plan, *bf, impl="kernel")
+  with pytest.raises(ValueError, match="impl must be"):
+    blocksparse.attend(obj.plan, q, k, v, impl="fast")
+  # Several CPU devices (a sharded CPU mesh): the partitionable executor is used.
+  monkeypatch.setattr(cpu_kernel.jax, "devices", lambda *_: [None, None])
+  assert "several CPU devices" in cpu_kernel.unsupported(q, k, v, 0.0)
+  monkeypatch.undo()
+  monkeypatch.setenv("SPARSE_ATTN_CPU_KERNEL", "0")
+  assert "sparse_attn_blocksparse_fwd" not in hlo(call(), q, k, v)
+
+
+def test_kernel_under_vmap(kernel):
+  q, k, v, _ = _inputs(3, 96, 2, 16)
+  obj = blocksparse.BlockSparseMask.from_mask(patterns.window(96, 7), 16)
+  one = lambda q, k, v: blocksparse.attend(obj.plan, q[None], k[None], v[None])[0]
+  np.testing.assert_allclose(jax.vmap(one)(q, k, v),
+                             blocksparse.attend(obj.plan, q, k, v, impl="xla"), atol=2e-6)
+
+
+def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
+  monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path))
+  monkeypatch.setattr(cpu_kernel, "_state", {})
+  monkeypatch.setattr(cpu_kernel, "_compiler", lambda: "/bin/false")
+  with caplog.at_level(logging.WARNING):
+    ok, why = cpu_kernel.load()
+  assert not ok and "did not build" in why and "unavailable" in caplog.text
+  # Nothing half-built is left for a later process to load.
+  assert not list((tmp_path / "cpu_kernel").glob("*"))
+  q, k, v, _ = _inputs(1, 64, 1, 16)
+  obj = blocksparse.BlockSparseMask.from_mask(patterns.window(64, 5), 16)
+  with pytest.raises(ValueError, match="did not build"):
+    blocksparse.attend(obj.plan, q, k, v, impl="kernel")
+  np.testing.assert_allclose(blocksparse.attend(obj.plan, q, k, v), attention.
+                             dot_product_attention(q, k, v, mask=obj.element_mask()),
+                             atol=2e-6)
+  monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+  monkeypatch.setattr(cpu_kernel, "_state", {})
+  assert "no C++ compiler" in cpu_kernel.load()[1]
+
+
+def test_the_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
+  cxx = cpu_kernel._compiler()
+  if cxx is None:
+    pytest.skip("no C++ compiler")
+  monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path))
+  lib = cpu_kernel._build(cxx)
+  assert lib.exists() and lib.parent == tmp_path / "cpu_kernel"
+  mtime = lib.stat().st_mtime_ns
+  assert cpu_kernel._build(cxx) == lib and lib.stat().st_mtime_ns == mtime  # Reused.
+  monkeypatch.setattr(cpu_kernel, "_cpu_id", lambda: "another CPU")
+  assert cpu_kernel._build(cxx) != lib                                      # Rebuilt.
