@@ -124,14 +124,16 @@ def choose(mask: Any, *, platform_name: str | None = None,
       compiled kernel will run the calls, i.e. float32, no dropout, and it is available).
     dtype, head_dim: the attention inputs' dtype and head size (cuDNN / CPU-kernel
       eligibility).
-    dropout: whether the calls use attention dropout (the CPU kernel has none).
+    dropout: whether the calls use attention dropout. The CPU kernel has none, so on CPU
+      pass True for masks that train with dropout (the pure-JAX table then applies).
 
   Returns:
     (Choice, the BlockLayout at the chosen block size or None for dense).
   """
   plat = platform_name or platform()
   key = plat
-  if plat == "cpu" and not dropout and np.dtype(dtype) == np.float32:
+  if (cost_model is None and plat == "cpu" and not dropout and
+      np.dtype(dtype) == np.float32):
     probe = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32)
     key = "cpu" if cpu_kernel.unsupported(probe, probe, probe, 0.0) else "cpu_kernel"
   cm = cost_model or COST_MODELS.get(key, CostModel())

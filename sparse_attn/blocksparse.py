@@ -378,7 +378,8 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
     impl: 'xla' (this module's pure-JAX executor, every platform), 'kernel' (the
       compiled multithreaded CPU kernel of `cpu_kernel`; raises if it cannot run this
       call) or 'auto' (the kernel on CPU when it can run the call, else 'xla'; GPU and
-      TPU always lower 'xla'). head_loop, heads_per_step and loops tune 'xla' only.
+      TPU always lower 'xla'). The kernel has first derivatives only: use 'xla' for
+      second derivatives. head_loop, heads_per_step and loops tune 'xla' only.
 
   Returns:
     [B, Q, H, D] attention output in the dtype of `query`.
@@ -412,6 +413,8 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
                        "'xla'.")
     return xla()
   kernel = lambda: cpu_kernel.attend(lay, query, key, value, key_valid).astype(query.dtype)
+  if impl == "kernel":
+    return kernel()
   return jax.lax.platform_dependent(cpu=kernel, default=xla)
 
 

@@ -266,19 +266,34 @@ Layout make_layout(ffi::AnyBuffer q, ffi::AnyBuffer kt, ffi::Buffer<ffi::S32> nu
        cd = cols.dimensions();
   L.B = qd[0]; L.H = qd[1]; L.D = qd[3];
   L.Bm = nd[0]; L.Hm = nd[1]; L.NQ = nd[2]; L.C = cd[3];
-  L.b = qd[2] / L.NQ;
-  L.NK = ktd[3] / L.b;
+  L.b = L.NQ > 0 ? qd[2] / L.NQ : 0;
+  L.NK = L.b > 0 ? ktd[3] / L.b : 0;
   L.num = num.typed_data(); L.cols = cols.typed_data(); L.pidx = pidx.typed_data();
   L.tiles = tiles.typed_data(); L.kvalid = kvalid.typed_data();
   return L;
 }
 
-ffi::Error check(const Layout& L, ffi::AnyBuffer q) {
-  if (q.element_type() != ffi::F32)
+// Shape checks on what the layout indexes (the Python wrapper builds consistent inputs;
+// this guards direct calls).
+ffi::Error check(const Layout& L, ffi::AnyBuffer q, ffi::AnyBuffer kt) {
+  if (q.element_type() != ffi::F32 || kt.element_type() != ffi::F32)
     return ffi::Error::InvalidArgument("sparse_attn CPU kernel: float32 only");
-  if (L.b <= 0 || L.NQ * L.b != (int)q.dimensions()[2])
-    return ffi::Error::InvalidArgument("sparse_attn CPU kernel: query length is not "
-                                       "NQ * block size");
+  if (L.b <= 0 || L.NQ * L.b != (int)q.dimensions()[2] ||
+      L.NK * L.b != (int)kt.dimensions()[3])
+    return ffi::Error::InvalidArgument("sparse_attn CPU kernel: query / key lengths are "
+                                       "not multiples of the block size");
+  if ((L.Bm != 1 && L.Bm != L.B) || (L.Hm != 1 && L.Hm != L.H))
+    return ffi::Error::InvalidArgument("sparse_attn CPU kernel: the layout's batch / "
+                                       "heads do not broadcast to the inputs'");
+  const int64_t rows = (int64_t)L.Bm * L.Hm * L.NQ;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (L.num[r] < 0 || L.num[r] > L.C)
+      return ffi::Error::InvalidArgument("sparse_attn CPU kernel: bad tile count");
+    for (int c = 0; c < L.num[r]; ++c)
+      if (L.cols[r * L.C + c] < 0 || L.cols[r * L.C + c] >= L.NK)
+        return ffi::Error::InvalidArgument("sparse_attn CPU kernel: key block out of "
+                                           "range");
+  }
   return ffi::Error::Success();
 }
 
@@ -289,7 +304,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kt,
                    ffi::Result<ffi::Buffer<ffi::F32>> o,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse) {
   const Layout L = make_layout(q, kt, num, cols, pidx, tiles, kvalid);
-  if (auto e = check(L, q); e.failure()) return e;
+  if (auto e = check(L, q, kt); e.failure()) return e;
   const int b = L.b, D = L.D, Lq = L.NQ * b, Lk = L.NK * b;
   const float* Q = static_cast<const float*>(q.untyped_data());
   const float* KT = static_cast<const float*>(kt.untyped_data());
@@ -337,7 +352,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                     ffi::Result<ffi::Buffer<ffi::F32>> dk,
                     ffi::Result<ffi::Buffer<ffi::F32>> dv) {
   const Layout L = make_layout(q, kt, num, cols, pidx, tiles, kvalid);
-  if (auto e = check(L, q); e.failure()) return e;
+  if (auto e = check(L, q, kt); e.failure()) return e;
   const int b = L.b, D = L.D, Lq = L.NQ * b, Lk = L.NK * b;
   const float* Q = static_cast<const float*>(q.untyped_data());
   const float* K = static_cast<const float*>(k.untyped_data());

@@ -3,20 +3,24 @@
 XLA:CPU runs each batched tile product of the pure-JAX executor (`blocksparse.py`) on
 one core and rarely overlaps them, so on a multi-core host that executor leaves cores
 idle. This kernel (`blocksparse_cpu.cc`) computes the same forward and FlashAttention-
-style backward over the layout's tile list, spreading (example, head, query block) work
-items over XLA's intra-op thread pool, with a register-blocked float32 GEMM and a
-vectorised exp.
+style backward over the layout's tile list on XLA's intra-op thread pool (forward work
+items: (example, head, query block); backward: (example, head), so that each item alone
+writes its dK / dV rows), with a register-blocked float32 GEMM and a vectorised exp.
 
 It is built on first use with the host's C++ compiler (`$CXX`, else `c++` / `g++`) for
 the host CPU (`-march=native`) into `<cache>/cpu_kernel/`, keyed by the source, the
 compiler, the flags, jaxlib's version and the CPU; the build is written to a temporary
 file and renamed, so a crashed build never leaves a broken library. Without a compiler
-(or with `SPARSE_ATTN_CPU_KERNEL=0`) `available()` is False and the pure-JAX executor
+(or with `SPARSE_ATTN_CPU_KERNEL=0`) `unsupported()` says why and the pure-JAX executor
 runs instead; `blocksparse.attend(..., impl='kernel')` then raises with the reason.
 
 Scope: float32, no attention dropout, one CPU device in the process (the custom call is
-not partitioned, so under a multi-device mesh the pure-JAX executor is used), on CPU
-only: inside `lax.platform_dependent`, GPU and TPU always lower the pure-JAX executor.
+not partitioned, so under a multi-device mesh the pure-JAX executor is used), CPU as the
+default backend (under `impl='auto'` the call sits in `lax.platform_dependent`, so a
+computation lowered for GPU / TPU still gets the pure-JAX executor). First derivatives
+only: for second derivatives (e.g. Hessian-vector products) use `impl='xla'`. The
+choice is made when a function is traced; changing `SPARSE_ATTN_CPU_KERNEL` later does
+not affect functions already compiled.
 
 Shape legend: B batch, Q / K query / key length, H heads, D head dim, b block size,
 NQ / NK query / key blocks, C longest tile list of a query block.
@@ -61,8 +65,8 @@ def _cpu_id() -> str:
   """The CPU model and feature flags (what -march=native compiles for)."""
   try:
     lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    keep = [l for l in lines if l.startswith(("model name", "flags"))][:2]
-    return "\n".join(keep)
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU part")  # x86, Arm
+    return platform.machine() + "\n" + "\n".join(l for l in lines if l.startswith(keys))
   except OSError:
     return platform.processor() or platform.machine()
 
@@ -73,8 +77,9 @@ def _build(cxx: str) -> pathlib.Path:
   import jaxlib  # pylint: disable=import-outside-toplevel
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                            check=False).stdout.splitlines()[:1]
+  source = SOURCE.read_text()
   key = hashlib.sha256("\0".join(
-      [SOURCE.read_text(), cxx, *version, *FLAGS, jaxlib.__version__, _cpu_id()]).encode())
+      [source, cxx, *version, *FLAGS, jaxlib.__version__, _cpu_id()]).encode())
   out_dir = assets.cache_dir() / "cpu_kernel"
   lib = out_dir / f"blocksparse_cpu_{key.hexdigest()[:16]}.so"
   if lib.exists():
@@ -82,15 +87,21 @@ def _build(cxx: str) -> pathlib.Path:
   out_dir.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
   os.close(fd)
+  src = tmp[:-3] + ".cc"   # The hashed text, even if the package file changes meanwhile.
+  pathlib.Path(src).write_text(source)
   try:
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", src, "-o", tmp]
+    try:
+      res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    except subprocess.TimeoutExpired as e:
+      raise RuntimeError(f"`{' '.join(cmd)}` took over 600 s") from e
     if res.returncode:
       raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{res.stderr[-2000:]}")
     os.replace(tmp, lib)
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    for path in (tmp, src):
+      if os.path.exists(path):
+        os.remove(path)
   return lib
 
 
@@ -127,6 +138,8 @@ def unsupported(query: jax.Array, key: jax.Array, value: jax.Array,
   """Why the kernel cannot run this call ('' if it can)."""
   if os.environ.get("SPARSE_ATTN_CPU_KERNEL", "1").lower() in ("0", "false", "no", "off"):
     return "it is disabled by SPARSE_ATTN_CPU_KERNEL"
+  if jax.default_backend() != "cpu":
+    return f"it runs on CPU only, and the default backend is {jax.default_backend()!r}"
   if any(x.dtype != jnp.float32 for x in (query, key, value)):
     return "it takes float32 only"
   if dropout_rate > 0.0:
@@ -169,15 +182,16 @@ def _core_fwd(q, k, v, kvalid, num, cols, pidx, tiles):
   o, lse = _call(_FWD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                         jax.ShapeDtypeStruct((bsz, h, lq), jnp.float32)),
                  q, jnp.swapaxes(k, -1, -2), v, num, cols, pidx, tiles, kvalid)
-  return o, (q, k, v, kvalid, num, cols, pidx, tiles, o, lse)
+  vt = jnp.swapaxes(v, -1, -2)   # The backward reads V only as V^T.
+  return o, (q, k, vt, kvalid, num, cols, pidx, tiles, o, lse)
 
 
 def _core_bwd(res, do):
-  q, k, v, kvalid, num, cols, pidx, tiles, o, lse = res
-  f32 = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
-  dq, dk, dv = _call(_BWD, (f32(q), f32(k), f32(v)), q, k, jnp.swapaxes(k, -1, -2),
-                     jnp.swapaxes(v, -1, -2), o, lse, do.astype(jnp.float32), num, cols,
-                     pidx, tiles, kvalid)
+  q, k, vt, kvalid, num, cols, pidx, tiles, o, lse = res
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  dq, dk, dv = _call(_BWD, (f32(q.shape), f32(k.shape), f32(k.shape)), q, k,
+                     jnp.swapaxes(k, -1, -2), vt, o, lse, do.astype(jnp.float32), num,
+                     cols, pidx, tiles, kvalid)
   return dq, dk, dv, None, None, None, None, None
 
 

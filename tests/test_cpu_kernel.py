@@ -84,6 +84,12 @@ def test_auto_uses_the_kernel_on_cpu_only_where_it_applies(kernel, monkeypatch):
   monkeypatch.setattr(cpu_kernel.jax, "devices", lambda *_: [None, None])
   assert "several CPU devices" in cpu_kernel.unsupported(q, k, v, 0.0)
   monkeypatch.undo()
+  # A GPU / TPU default backend never builds or runs the CPU kernel.
+  monkeypatch.setattr(cpu_kernel.jax, "default_backend", lambda: "gpu")
+  assert "CPU only" in cpu_kernel.unsupported(q, k, v, 0.0)
+  with pytest.raises(ValueError, match="CPU only"):
+    blocksparse.attend(obj.plan, q, k, v, impl="kernel")
+  monkeypatch.undo()
   monkeypatch.setenv("SPARSE_ATTN_CPU_KERNEL", "0")
   assert "sparse_attn_blocksparse_fwd" not in hlo(call(), q, k, v)
 
