@@ -110,8 +110,7 @@ def _slots(lay: layout_lib.BlockLayout) -> int:
 def choose(mask: Any, *, platform_name: str | None = None,
            block_sizes: Sequence[int] | None = None, min_speedup: float = 1.25,
            cost_model: CostModel | None = None, dtype: Any = jnp.float32,
-           head_dim: int | None = None,
-           dropout: bool = False) -> tuple[Choice, layout_lib.BlockLayout | None]:
+           head_dim: int | None = None) -> tuple[Choice, layout_lib.BlockLayout | None]:
   """Chooses dense vs block-sparse (and the block size) for a bool mask.
 
   Args:
@@ -121,21 +120,18 @@ def choose(mask: Any, *, platform_name: str | None = None,
     min_speedup: block-sparse is chosen only if predicted to be at least this much
       faster than dense (the margin that keeps 'auto' from being slower than dense).
     cost_model: overrides `COST_MODELS[platform]` (on CPU: 'cpu_kernel' when the
-      compiled kernel will run the calls, i.e. float32, no dropout, and it is available).
+      compiled kernel will run the calls, i.e. float32 and the kernel is available).
     dtype, head_dim: the attention inputs' dtype and head size (cuDNN / CPU-kernel
       eligibility).
-    dropout: whether the calls use attention dropout. The CPU kernel has none, so on CPU
-      pass True for masks that train with dropout (the pure-JAX table then applies).
 
   Returns:
     (Choice, the BlockLayout at the chosen block size or None for dense).
   """
   plat = platform_name or platform()
   key = plat
-  if (cost_model is None and plat == "cpu" and not dropout and
-      np.dtype(dtype) == np.float32):
+  if cost_model is None and plat == "cpu" and np.dtype(dtype) == np.float32:
     probe = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32)
-    key = "cpu" if cpu_kernel.unsupported(probe, probe, probe, 0.0) else "cpu_kernel"
+    key = "cpu" if cpu_kernel.unsupported(probe, probe, probe) else "cpu_kernel"
   cm = cost_model or COST_MODELS.get(key, CostModel())
   m = np.asarray(mask)
   q_len, k_len = m.shape[-2:]

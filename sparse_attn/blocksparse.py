@@ -21,7 +21,7 @@ over independent loops, one per host core, which a runtime may run side by side 
 
 On CPU, `attend` runs the same computation as a compiled kernel (`cpu_kernel`, a
 `jax.ffi` custom call that spreads tiles over XLA's thread pool) whenever it applies
-(float32, no dropout, one CPU device, a C++ compiler on the host); `impl='xla'` forces
+(float32, one CPU device, a C++ compiler on the host); `impl='xla'` forces
 this module's executor, which is also what GPU and TPU lower.
 
 Shape legend: B batch, L sequence length, Q / K query / key length, H heads, D head dim,
@@ -406,13 +406,14 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
                             head_loop, heads_per_step, loops)
   if impl == "xla":
     return xla()
-  why = cpu_kernel.unsupported(query, key, value, rate)
+  why = cpu_kernel.unsupported(query, key, value)
   if why:
     if impl == "kernel":
       raise ValueError(f"impl='kernel' cannot run this call: {why}. Use impl='auto' or "
                        "'xla'.")
     return xla()
-  kernel = lambda: cpu_kernel.attend(lay, query, key, value, key_valid).astype(query.dtype)
+  kernel = lambda: cpu_kernel.attend(lay, query, key, value, key_valid, dropout_rng,
+                                     rate).astype(query.dtype)
   if impl == "kernel":
     return kernel()
   return jax.lax.platform_dependent(cpu=kernel, default=xla)

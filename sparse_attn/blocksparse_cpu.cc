@@ -10,7 +10,9 @@
 //   num: i32 [Bm, Hm, NQ]           cols, pidx: i32 [Bm, Hm, NQ, C]
 //   tiles: u8 [P, b, b]  (the partial tiles' element masks; pidx -1 = a full tile)
 // q arrives pre-scaled by 1/sqrt(D). A row with no attendable key outputs 0 and gets
-// lse = +inf, as in the reference.
+// lse = +inf, as in the reference. Attention dropout (attribute `rate`, key `seed` u32[2])
+// drops a weight by a counter-based hash of (seed, example * H + head, query, key), so
+// the backward redraws the forward's pattern without storing it.
 
 #include <algorithm>
 #include <atomic>
@@ -217,6 +219,40 @@ struct Layout {
   }
 };
 
+// Whether dropout keeps weight (row, key) of one (example, head): splitmix64 of the
+// element's global indices, compared with rate * 2^32.
+inline bool keep(uint64_t seed, int64_t bh, int64_t row, int64_t key, uint32_t cut) {
+  uint64_t x = seed ^ ((uint64_t)bh * 0x9E3779B97F4A7C15ull) ^
+               ((uint64_t)row * 0xC2B2AE3D27D4EB4Full) ^ ((uint64_t)key * 0x165667B19E3779F9ull);
+  x ^= x >> 30; x *= 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 27; x *= 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  return (uint32_t)(x >> 32) >= cut;
+}
+
+struct Dropout {
+  float rate = 0.f;
+  uint64_t seed = 0;
+  uint32_t cut = 0;
+  Dropout(float r, ffi::Buffer<ffi::U32> s) : rate(r) {
+    const uint32_t* p = s.typed_data();
+    seed = ((uint64_t)p[0] << 32) | p[1];
+    cut = (uint32_t)std::min(4294967295.0, std::ceil((double)r * 4294967296.0));
+  }
+  // In place on a query block's [b x n*b] rows: X -> keep ? X / (1 - rate) : 0.
+  void apply(const Layout& L, int64_t bh, int64_t r, int i, int n, float* X) const {
+    const int b = L.b, ld = n * b;
+    const float inv = 1.f / (1.f - rate);
+    for (int x = 0; x < b; ++x)
+      for (int c = 0; c < n; ++c) {
+        const int64_t k0 = (int64_t)L.cols[r * L.C + c] * b;
+        float* row = X + x * ld + c * b;
+        for (int y = 0; y < b; ++y)
+          row[y] = keep(seed, bh, (int64_t)i * b + x, k0 + y, cut) ? row[y] * inv : 0.f;
+      }
+  }
+};
+
 // S[b x n*b] = masked scores of query block i against its n listed key blocks.
 // Returns n. Masked entries are kNeg.
 int scores(const Layout& L, int bb, int h, int i, const float* q, const float* kt,
@@ -301,9 +337,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kt,
                    ffi::AnyBuffer v, ffi::Buffer<ffi::S32> num,
                    ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::S32> pidx,
                    ffi::Buffer<ffi::U8> tiles, ffi::Buffer<ffi::U8> kvalid,
+                   ffi::Buffer<ffi::U32> seed, float rate,
                    ffi::Result<ffi::Buffer<ffi::F32>> o,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse) {
   const Layout L = make_layout(q, kt, num, cols, pidx, tiles, kvalid);
+  const Dropout drop(rate, seed);
   if (auto e = check(L, q, kt); e.failure()) return e;
   const int b = L.b, D = L.D, Lq = L.NQ * b, Lk = L.NK * b;
   const float* Q = static_cast<const float*>(q.untyped_data());
@@ -327,6 +365,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kt,
     for (int x = 0; x < b; ++x) m[x] = row_max(S + x * ld, ld);
     exp_rows(b, ld, S, m);
     for (int x = 0; x < b; ++x) z[x] = row_sum(S + x * ld, ld);
+    if (drop.rate > 0.f) drop.apply(L, bh, L.row(bb, h, i), i, n, S);
     const float* vb = V + bh * Lk * D;
     if (n == 0) std::memset(oi, 0, sizeof(float) * b * D);
     for (int c = 0; c < n; ++c) {
@@ -348,11 +387,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                     ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::S32> num,
                     ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::S32> pidx,
                     ffi::Buffer<ffi::U8> tiles, ffi::Buffer<ffi::U8> kvalid,
+                    ffi::Buffer<ffi::U32> seed, float rate,
                     ffi::Result<ffi::Buffer<ffi::F32>> dq,
                     ffi::Result<ffi::Buffer<ffi::F32>> dk,
                     ffi::Result<ffi::Buffer<ffi::F32>> dv) {
   const Layout L = make_layout(q, kt, num, cols, pidx, tiles, kvalid);
   if (auto e = check(L, q, kt); e.failure()) return e;
+  const Dropout drop(rate, seed);
   const int b = L.b, D = L.D, Lq = L.NQ * b, Lk = L.NK * b;
   const float* Q = static_cast<const float*>(q.untyped_data());
   const float* K = static_cast<const float*>(k.untyped_data());
@@ -403,9 +444,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
         const int kc = L.cols[r * L.C + c];
         gemm(b, b, D, doi, D, vtb + (int64_t)kc * b, Lk, dP + c * b, ld, false);
       }
+      if (drop.rate > 0.f) drop.apply(L, bh, r, i, n, dP);  // dP of the dropped weights
       for (int x = 0; x < b; ++x)  // dS = P (dP - delta)
         for (int y = 0; y < ld; ++y)
           dP[x * ld + y] = S[x * ld + y] * (dP[x * ld + y] - delta[x]);
+      if (drop.rate > 0.f) drop.apply(L, bh, r, i, n, S);   // P -> dropped P, for dV
       for (int c = 0; c < n; ++c) {
         const int kc = L.cols[r * L.C + c];
         transpose(b, b, S + c * b, ld, T);                 // P^T
@@ -433,6 +476,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseAttnBlockSparseFwd, Forward,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Attr<float>("rate")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -451,6 +496,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseAttnBlockSparseBwd, Backward,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Attr<float>("rate")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -14,7 +14,7 @@ file and renamed, so a crashed build never leaves a broken library. Without a co
 (or with `SPARSE_ATTN_CPU_KERNEL=0`) `unsupported()` says why and the pure-JAX executor
 runs instead; `blocksparse.attend(..., impl='kernel')` then raises with the reason.
 
-Scope: float32, no attention dropout, one CPU device in the process (the custom call is
+Scope: float32, one CPU device in the process (the custom call is
 not partitioned, so under a multi-device mesh the pure-JAX executor is used), CPU as the
 default backend (under `impl='auto'` the call sits in `lax.platform_dependent`, so a
 computation lowered for GPU / TPU still gets the pure-JAX executor). First derivatives
@@ -133,8 +133,7 @@ def load() -> tuple[bool, str]:
     return ok, reason
 
 
-def unsupported(query: jax.Array, key: jax.Array, value: jax.Array,
-                dropout_rate: float) -> str:
+def unsupported(query: jax.Array, key: jax.Array, value: jax.Array) -> str:
   """Why the kernel cannot run this call ('' if it can)."""
   if os.environ.get("SPARSE_ATTN_CPU_KERNEL", "1").lower() in ("0", "false", "no", "off"):
     return "it is disabled by SPARSE_ATTN_CPU_KERNEL"
@@ -142,8 +141,6 @@ def unsupported(query: jax.Array, key: jax.Array, value: jax.Array,
     return f"it runs on CPU only, and the default backend is {jax.default_backend()!r}"
   if any(x.dtype != jnp.float32 for x in (query, key, value)):
     return "it takes float32 only"
-  if dropout_rate > 0.0:
-    return "it has no attention dropout"
   if len(jax.devices("cpu")) > 1:
     return "it is not partitioned, and the process has several CPU devices"
   ok, reason = load()
@@ -168,44 +165,48 @@ def tables(lay: layout_lib.BlockLayout) -> tuple[np.ndarray, ...]:
   return num.astype(np.int32), cols, pidx, np.ascontiguousarray(tiles)
 
 
-def _call(name, shapes, *args):
-  return jax.ffi.ffi_call(name, shapes, vmap_method="sequential")(*args)
+def _call(name, shapes, rate, *args):
+  return jax.ffi.ffi_call(name, shapes, vmap_method="sequential")(*args,
+                                                                  rate=np.float32(rate))
 
 
-@jax.custom_vjp
-def _core(q, k, v, kvalid, num, cols, pidx, tiles):
-  return _core_fwd(q, k, v, kvalid, num, cols, pidx, tiles)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(rate, q, k, v, kvalid, num, cols, pidx, tiles, seed):
+  return _core_fwd(rate, q, k, v, kvalid, num, cols, pidx, tiles, seed)[0]
 
 
-def _core_fwd(q, k, v, kvalid, num, cols, pidx, tiles):
+def _core_fwd(rate, q, k, v, kvalid, num, cols, pidx, tiles, seed):
   bsz, h, lq, _ = q.shape
   o, lse = _call(_FWD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                        jax.ShapeDtypeStruct((bsz, h, lq), jnp.float32)),
-                 q, jnp.swapaxes(k, -1, -2), v, num, cols, pidx, tiles, kvalid)
+                        jax.ShapeDtypeStruct((bsz, h, lq), jnp.float32)), rate,
+                 q, jnp.swapaxes(k, -1, -2), v, num, cols, pidx, tiles, kvalid, seed)
   vt = jnp.swapaxes(v, -1, -2)   # The backward reads V only as V^T.
-  return o, (q, k, vt, kvalid, num, cols, pidx, tiles, o, lse)
+  return o, (q, k, vt, kvalid, num, cols, pidx, tiles, seed, o, lse)
 
 
-def _core_bwd(res, do):
-  q, k, vt, kvalid, num, cols, pidx, tiles, o, lse = res
+def _core_bwd(rate, res, do):
+  q, k, vt, kvalid, num, cols, pidx, tiles, seed, o, lse = res
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  dq, dk, dv = _call(_BWD, (f32(q.shape), f32(k.shape), f32(k.shape)), q, k,
+  dq, dk, dv = _call(_BWD, (f32(q.shape), f32(k.shape), f32(k.shape)), rate, q, k,
                      jnp.swapaxes(k, -1, -2), vt, o, lse, do.astype(jnp.float32), num,
-                     cols, pidx, tiles, kvalid)
-  return dq, dk, dv, None, None, None, None, None
+                     cols, pidx, tiles, kvalid, seed)
+  return dq, dk, dv, None, None, None, None, None, None
 
 
 _core.defvjp(_core_fwd, _core_bwd)
 
 
 def attend(lay: layout_lib.BlockLayout, query: jax.Array, key: jax.Array,
-           value: jax.Array, key_valid: jax.Array | None = None) -> jax.Array:
+           value: jax.Array, key_valid: jax.Array | None = None,
+           dropout_rng: jax.Array | None = None, dropout_rate: float = 0.0) -> jax.Array:
   """Block-sparse attention with the compiled kernel (call `load()` first).
 
   Args:
     lay: the static layout (Q, K must match the inputs).
     query: [B, Q, H, D] float32; key, value: [B, K, H, D] float32.
     key_valid: [B, K] bool, False for padding keys.
+    dropout_rng, dropout_rate: attention-weight dropout (the same distribution as the
+      other executors, drawn from a hash of a seed taken from `dropout_rng`).
 
   Returns:
     [B, Q, H, D] float32, equal to the dense reference under the layout's mask.
@@ -224,5 +225,10 @@ def attend(lay: layout_lib.BlockLayout, query: jax.Array, key: jax.Array,
   else:
     kvalid = jnp.pad(key_valid.astype(jnp.bool_), ((0, 0), (0, lk - k_len))) & valid
   num, cols, pidx, tiles = (jnp.asarray(t) for t in tables(lay))
-  o = _core(q, k, v, kvalid.astype(jnp.uint8), num, cols, pidx, tiles)
+  rate = float(dropout_rate) if dropout_rng is not None else 0.0
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate}.")
+  seed = (jax.random.bits(dropout_rng, (2,), jnp.uint32) if rate > 0.0
+          else jnp.zeros((2,), jnp.uint32))
+  o = _core(rate, q, k, v, kvalid.astype(jnp.uint8), num, cols, pidx, tiles, seed)
   return jnp.transpose(o, (0, 2, 1, 3))[:, :q_len]

@@ -121,12 +121,13 @@ def test_block_size_larger_than_sequence(impl):
 
 @pytest.mark.slow
 def test_dropout_gradients_are_consistent_and_mean_matches():
-  """(slow: ~20 s of compiles.)"""
+  """The pure-JAX executor's dropout (the kernel's: tests/test_cpu_kernel.py).
+  (slow: ~20 s of compiles.)"""
   q, k, v, _ = _qkv(4, b=1, q_len=16, k_len=16)
   obj = blocksparse.BlockSparseMask.from_mask(patterns.window(16, 3), 4)
   rng = jax.random.PRNGKey(0)
   f = jax.jit(lambda q, k, v: blocksparse.attend(obj.plan, q, k, v, dropout_rng=rng,
-                                                  dropout_rate=0.3))
+                                                  dropout_rate=0.3, impl="xla"))
   # The custom VJP under dropout agrees with a central difference along a direction.
   dirs = _qkv(9, b=1, q_len=16, k_len=16)[:3]
   obj_fn = lambda q, k, v: jnp.sum(f(q, k, v) ** 2)
@@ -138,7 +139,7 @@ def test_dropout_gradients_are_consistent_and_mean_matches():
   np.testing.assert_allclose((plus - minus) / (2 * eps), directional, rtol=2e-2)
   assert not np.allclose(f(q, k, v), blocksparse.attend(obj.plan, q, k, v))
   many = jax.jit(jax.vmap(lambda r: blocksparse.attend(obj.plan, q, k, v, dropout_rng=r,
-                                                       dropout_rate=0.3)))(
+                                                       dropout_rate=0.3, impl="xla")))(
       jax.random.split(rng, 500))
   np.testing.assert_allclose(many.mean(0), blocksparse.attend(obj.plan, q, k, v), atol=0.1)
 
@@ -232,7 +233,7 @@ def test_several_loops_of_several_steps_match_one_loop_with_dropout(per_head_lay
   def f(loops):
     return lambda q, k, v: jnp.sum(blocksparse.attend(
         obj.plan, q, k, v, key_valid=kv, head_loop=True, heads_per_step=2, loops=loops,
-        dropout_rng=key, dropout_rate=0.3) * w)
+        dropout_rng=key, dropout_rate=0.3, impl="xla") * w)
 
   np.testing.assert_allclose(jax.jit(f(2))(q, k, v), jax.jit(f(1))(q, k, v), rtol=1e-6)
   for a, b in zip(jax.jit(jax.grad(f(2), (0, 1, 2)))(q, k, v),

@@ -68,12 +68,7 @@ def test_auto_uses_the_kernel_on_cpu_only_where_it_applies(kernel, monkeypatch):
   call = lambda **kw: (lambda q, k, v: blocksparse.attend(obj.plan, q, k, v, **kw))
   assert "sparse_attn_blocksparse_fwd" in hlo(call(), q, k, v)
   assert "sparse_attn_blocksparse_fwd" not in hlo(call(impl="xla"), q, k, v)
-  # Dropout and bfloat16 fall back to the pure-JAX executor; impl='kernel' says why.
-  drop = call(dropout_rng=jax.random.key(0), dropout_rate=0.1)
-  assert "sparse_attn_blocksparse_fwd" not in hlo(drop, q, k, v)
-  with pytest.raises(ValueError, match="no attention dropout"):
-    blocksparse.attend(obj.plan, q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1,
-                       impl="kernel")
+  # bfloat16 falls back to the pure-JAX executor; impl='kernel' says why.
   bf = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
   assert "sparse_attn_blocksparse_fwd" not in hlo(call(), *bf)
   with pytest.raises(ValueError, match="float32 only"):
@@ -82,16 +77,50 @@ def test_auto_uses_the_kernel_on_cpu_only_where_it_applies(kernel, monkeypatch):
     blocksparse.attend(obj.plan, q, k, v, impl="fast")
   # Several CPU devices (a sharded CPU mesh): the partitionable executor is used.
   monkeypatch.setattr(cpu_kernel.jax, "devices", lambda *_: [None, None])
-  assert "several CPU devices" in cpu_kernel.unsupported(q, k, v, 0.0)
+  assert "several CPU devices" in cpu_kernel.unsupported(q, k, v)
   monkeypatch.undo()
   # A GPU / TPU default backend never builds or runs the CPU kernel.
   monkeypatch.setattr(cpu_kernel.jax, "default_backend", lambda: "gpu")
-  assert "CPU only" in cpu_kernel.unsupported(q, k, v, 0.0)
+  assert "CPU only" in cpu_kernel.unsupported(q, k, v)
   with pytest.raises(ValueError, match="CPU only"):
     blocksparse.attend(obj.plan, q, k, v, impl="kernel")
   monkeypatch.undo()
   monkeypatch.setenv("SPARSE_ATTN_CPU_KERNEL", "0")
   assert "sparse_attn_blocksparse_fwd" not in hlo(call(), q, k, v)
+
+
+def test_kernel_dropout_matches_its_gradient_and_its_mean(kernel):
+  """Dropout in the kernel: the same rng gives the same draw in forward and backward
+  (the VJP agrees with a central difference), another rng another draw, and the mean
+  over draws is the output without dropout."""
+  q, k, v, _ = _inputs(1, 64, 2, 16, seed=4)
+  obj = blocksparse.BlockSparseMask.from_mask(patterns.window(64, 9), 16)
+  rng = jax.random.key(0)
+  f = jax.jit(lambda q, k, v, r: blocksparse.attend(obj.plan, q, k, v, dropout_rng=r,
+                                                     dropout_rate=0.3, impl="kernel"))
+  assert "sparse_attn_blocksparse_bwd" in jax.jit(jax.grad(
+      lambda q: jnp.sum(f(q, k, v, rng)))).lower(q).as_text()
+  loss = lambda q, k, v: jnp.sum(f(q, k, v, rng) ** 2)
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  dirs = _inputs(1, 64, 2, 16, seed=9)[:3]
+  eps = 1e-2
+  plus = loss(*(x + eps * d for x, d in zip((q, k, v), dirs)))
+  minus = loss(*(x - eps * d for x, d in zip((q, k, v), dirs)))
+  directional = sum(jnp.vdot(g, d) for g, d in zip(grads, dirs))
+  np.testing.assert_allclose((plus - minus) / (2 * eps), directional, rtol=2e-2)
+  clean = blocksparse.attend(obj.plan, q, k, v, impl="kernel")
+  np.testing.assert_array_equal(f(q, k, v, rng), f(q, k, v, rng))
+  assert not np.allclose(f(q, k, v, rng), f(q, k, v, jax.random.key(1)))
+  assert not np.allclose(f(q, k, v, rng), clean)
+  many = jnp.mean(jnp.stack([f(q, k, v, r) for r in jax.random.split(rng, 300)]), 0)
+  np.testing.assert_allclose(many, clean, atol=0.1)
+  # The kept fraction is 1 - rate: with equal scores (q = 0) and v = 1, each output is
+  # (kept weights of the row / its keys) / (1 - rate).
+  ones = jnp.ones_like(v)
+  kept = f(jnp.zeros_like(q), k, ones, rng) * 0.7
+  assert abs(float(jnp.mean(kept)) - 0.7) < 0.02
+  with pytest.raises(ValueError, match="dropout_rate"):
+    blocksparse.attend(obj.plan, q, k, v, dropout_rng=rng, dropout_rate=1.0, impl="kernel")
 
 
 def test_kernel_under_vmap(kernel):
