@@ -5,10 +5,16 @@ Items of every checkpoint step (directory `<workdir>/checkpoints/<step>/`):
   masks        the binarised structural masks {"layer_i": bool [H|1, n, n]} (when any)
   masks_meta   JSON: method, sequence length, per-layer/per-head densities, step, ...
   config       JSON: the experiment config
+  checksums    JSON: a 64-bit fingerprint of every array of `state` and `masks`
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it
 when complete), so a checkpoint directory is never half-written. Kept: the latest
 `keep` steps and the best `keep_best` by the dev metric.
+
+Integrity: the fingerprints are computed on device when a save starts and checked after
+every restore; any mismatch (a flipped bit on disk) makes that step unreadable, so it
+falls back like a step that does not parse. A single flipped bit always changes the
+fingerprint (see `fingerprints`).
 
 Resume order (train.py): the latest restorable step in the workdir (a corrupted latest
 step is skipped with a warning, falling back to the previous one, and renamed to
@@ -24,13 +30,88 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
+from sparse_attn.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
   """No usable checkpoint could be restored."""
+
+
+class IntegrityError(CheckpointError):
+  """A restored array differs from the one that was saved (its fingerprint changed)."""
+
+
+def _fingerprint_leaf(x: jax.Array) -> jax.Array:
+  """Two uint32 sums of the array's bits: sum(u * (2i + 1)) and sum(u ^ (i * phi)).
+
+  u is the leaf's bit pattern as uint32 words, i the flat word index. Changing one bit of
+  word i changes the first sum by +-2^k (2i + 1) mod 2^32, which is never 0 (an odd
+  factor), so a single flipped bit is always detected; the second sum mixes positions
+  so that swapped or shifted words are caught too.
+  """
+  if x.dtype == jnp.bool_:
+    u = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 8:
+    u = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+  else:
+    word = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+    u = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+  i = _flat_index(u.shape)  # Built from iotas: no reshape of a sharded array.
+  a = jnp.sum(u * (i * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+  b = jnp.sum(u ^ (i * jnp.uint32(0x9E3779B9)), dtype=jnp.uint32)
+  return jnp.stack([a, b])
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """uint32 row-major flat index of every element of an array of `shape`."""
+  out = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in range(len(shape) - 1, -1, -1):
+    out = out + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    stride *= shape[axis]
+  return out
+
+
+@jax.jit
+def _fingerprint_tree(tree: Any) -> Any:
+  return jax.tree.map(_fingerprint_leaf, tree)
+
+
+def fingerprints(tree: Any) -> dict[str, str]:
+  """{"path/to/leaf": 16 hex digits} for every array leaf of `tree` (host or device).
+
+  Computed on the arrays' own devices and shardings (one elementwise pass), so it costs
+  no host copy and gives the same value on any mesh.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  if not leaves:
+    return {}
+  paths = [jax.tree_util.keystr(p) for p, _ in leaves]
+  values = _fingerprint_tree([jnp.asarray(v) if isinstance(v, np.ndarray) else v
+                              for _, v in leaves])
+  out = {}
+  for path, v in zip(paths, values):
+    if isinstance(v, jax.Array) and not v.is_fully_addressable:
+      v = v.addressable_data(0)  # Replicated: every process holds the value.
+    a, b = (int(w) for w in np.asarray(v))
+    out[path] = f"{a:08x}{b:08x}"
+  return out
+
+
+def _verify(kind: str, tree: Any, expected: dict[str, str] | None, where: str) -> None:
+  """Raises IntegrityError when a restored tree's fingerprints differ from the saved."""
+  if expected is None:
+    return  # Saved before fingerprints were recorded.
+  got = fingerprints(tree)
+  bad = sorted(k for k in got if expected.get(k) != got[k])
+  if bad:
+    raise IntegrityError(f"{where}: {len(bad)} array(s) of '{kind}' differ from what was "
+                         f"saved (fingerprint mismatch: {bad[:3]}); the files are corrupted.")
 
 
 def _abstract(tree: Any) -> Any:
@@ -50,22 +131,30 @@ class Checkpointer:
     keep_best: how many of the best steps (by `best_metric`, higher is better) to keep.
     best_metric: name of the metric in the `metrics` dict passed to `save`.
     async_save: write in a background thread.
+    read_only: only restore: the directory is never created (a missing one raises
+      CheckpointError) and `save` is refused.
   """
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 2, keep_best: int = 1,
-               best_metric: str | None = None, async_save: bool = True):
+               best_metric: str | None = None, async_save: bool = True,
+               read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
     self.best_metric = best_metric
+    self.read_only = read_only
+    if read_only and not self.directory.is_dir():
+      raise CheckpointError(f"No checkpoints directory {self.directory}: check the path, "
+                            "or train that run first.")
     policies = [LatestN(n=max(1, keep))]
     if best_metric and keep_best > 0:
       policies.append(BestN(get_metric_fn=lambda m: _rank(m[best_metric]), n=keep_best,
                             keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=not read_only,
+        read_only=read_only)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_names=("state", "masks", "masks_meta", "config"))
+        item_names=("state", "masks", "masks_meta", "config", "checksums"))
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -73,15 +162,27 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def has_step(self, step: int) -> bool:
+    return step in self.manager.all_steps()
+
   def save(self, step: int, state: Any, *, masks: dict[str, np.ndarray] | None = None,
            masks_meta: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
            metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-    """Starts an (async) save of `step`; returns whether a save was started."""
+    """Starts an (async) save of `step`; returns whether a save was started.
+
+    The fingerprints of `state` and `masks` are computed before the save starts (the
+    caller may donate `state` to the next step right after).
+    """
+    if self.read_only:
+      raise CheckpointError(f"{self.directory} was opened read-only; nothing is saved.")
     items = {"state": ocp.args.StandardSave(state)}
+    sums = {"state": fingerprints(state)}
     if masks:
-      items["masks"] = ocp.args.StandardSave(
-          {k: np.asarray(v) for k, v in masks.items()})
+      masks = {k: np.asarray(v) for k, v in masks.items()}
+      items["masks"] = ocp.args.StandardSave(masks)
       items["masks_meta"] = ocp.args.JsonSave(_jsonable(masks_meta or {}))
+      sums["masks"] = fingerprints(masks)
+    items["checksums"] = ocp.args.JsonSave(sums)
     if config is not None:
       items["config"] = ocp.args.JsonSave(_jsonable(config))
     if metrics is not None:
@@ -121,6 +222,8 @@ class Checkpointer:
       try:
         out = self.manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))
+        _verify("state", out["state"], self._checksums(s, "state"),
+                str(self.directory / str(s)))
         if errors:
           logging.warning("Restored step %d after skipping unreadable checkpoint(s): %s",
                           s, "; ".join(errors))
@@ -136,16 +239,31 @@ class Checkpointer:
     raise CheckpointError(f"No checkpoint in {self.directory} could be restored:\n  " +
                           "\n  ".join(errors) + "\nMove the directory away to start afresh.")
 
-  def _set_aside(self, steps: list[int]) -> None:
-    """Renames unreadable step directories out of the manager's view (process 0 only)."""
+  def _checksums(self, step: int, item: str) -> dict[str, str] | None:
+    """The fingerprints saved with `step` for `item`, or None (an older checkpoint)."""
+    if not (self.directory / str(step) / "checksums").exists():
+      return None
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        checksums=ocp.args.JsonRestore()))["checksums"]
+    return dict(out).get(item)
+
+  def set_aside(self, steps: list[int], reason: str = "unreadable") -> None:
+    """Renames step directories to `<step>.<reason>-<n>`, out of the manager's view.
+
+    Kept for inspection; the run can save those step numbers again. Process 0 renames,
+    every process reloads.
+    """
+    self._set_aside(steps, reason)
+
+  def _set_aside(self, steps: list[int], reason: str = "unreadable") -> None:
     if jax.process_index() == 0:
       for s in steps:
         src = self.directory / str(s)
         n = 0
-        while (dst := self.directory / f"{s}.unreadable-{n}").exists():
+        while (dst := self.directory / f"{s}.{reason}-{n}").exists():
           n += 1
         src.rename(dst)
-        logging.warning("Moved unreadable checkpoint %s to %s.", src, dst)
+        logging.warning("Moved %s checkpoint %s to %s.", reason, src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("sparse_attn_checkpoint_set_aside")
@@ -164,6 +282,7 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))
     state = out["state"]
+    _verify("state", state, self._checksums(step, "state"), str(self.directory / str(step)))
     params = state["params"] if isinstance(state, dict) else state.params
     return jax.tree.map(np.asarray, params["model"])
 
@@ -175,6 +294,8 @@ class Checkpointer:
       return None
     out = self.manager.restore(step, args=ocp.args.Composite(
         masks=ocp.args.StandardRestore(), masks_meta=ocp.args.JsonRestore()))
+    _verify("masks", out["masks"], self._checksums(step, "masks"),
+            str(self.directory / str(step)))
     return {k: np.asarray(v) for k, v in out["masks"].items()}, dict(out["masks_meta"])
 
   def restore_config(self, step: int | None = None) -> dict[str, Any] | None:

@@ -12,6 +12,12 @@ when complete, so `out_dir` is never half-written):
                      full_kv_num_blocks, full_kv_indices (BlockMask.from_kv_blocks)
   splash/layer_i.npy Splash-ready per-head element masks (NumpyMask / MultiHeadMask)
   png/layer_i.png    heatmaps, one panel per head
+  .sparse_attn_export  marker: this directory is an export (and may be replaced)
+
+Safety: an existing `out_dir` is replaced only when it is an earlier export (it has the
+marker) or an empty directory; anything else (a folder of the user's, a run's workdir,
+anything holding checkpoints) is refused with an error and left untouched. The old export
+is moved aside, the new one renamed into place, and only then is the old one deleted.
 
 A new run uses them as fixed masks with `config.masks.source = "<out_dir>"`.
 """
@@ -28,7 +34,38 @@ from typing import Any
 
 import numpy as np
 
+from sparse_attn.errors import UserError
 from sparse_attn.masks import layout as layout_lib
+
+MARKER = ".sparse_attn_export"
+_RUN_FILES = ("checkpoints", "metrics.jsonl", "results.json", "tb", "_CHECKPOINT_METADATA")
+
+
+def check_destination(out_dir: str | os.PathLike) -> pathlib.Path:
+  """Returns `out_dir` (absolute) if an export may be written there, else raises.
+
+  Raises:
+    UserError: `out_dir` is a file, or a non-empty directory that is not an earlier export,
+      or holds checkpoints or run files.
+  """
+  out_dir = pathlib.Path(out_dir).absolute()
+  if not out_dir.exists():
+    return out_dir
+  if not out_dir.is_dir():
+    raise UserError(f"Cannot export masks to {out_dir}: it is a file. Choose a directory "
+                    "path that does not exist yet.")
+  entries = sorted(p.name for p in out_dir.iterdir())
+  run_files = [n for n in entries if n in _RUN_FILES or n.isdigit()]
+  if run_files:
+    raise UserError(f"Refusing to export masks to {out_dir}: it holds a run's files or "
+                    f"checkpoints ({run_files[:4]}), which an export would replace. Export "
+                    f"to a new directory, e.g. {out_dir / 'masks'}.")
+  if entries and MARKER not in entries:
+    raise UserError(f"Refusing to export masks to {out_dir}: the directory is not empty and "
+                    f"is not an earlier mask export (no {MARKER} marker); it holds "
+                    f"{entries[:4]}{' ...' if len(entries) > 4 else ''}. Export to a new "
+                    "directory, or remove this one yourself.")
+  return out_dir
 
 
 def export_masks(frozen, out_dir: str | os.PathLike, *, block_size: int = 128,
@@ -37,7 +74,8 @@ def export_masks(frozen, out_dir: str | os.PathLike, *, block_size: int = 128,
 
   Args:
     frozen: a `fixed_masks.FrozenStructure` (from `train.evaluate_workdir` or `Run.frozen`).
-    out_dir: the directory to create (replaced if it exists).
+    out_dir: the directory to create; an existing one is replaced only if it is an
+      earlier export or empty (see `check_destination`).
     block_size: tile size b of the FlexAttention form (128 = Flex's and Splash's default).
     heatmaps: also write PNG heatmaps.
 
@@ -45,23 +83,33 @@ def export_masks(frozen, out_dir: str | os.PathLike, *, block_size: int = 128,
     The paths written (relative to their final location).
 
   Raises:
-    ValueError: the run has no masks and no gates (dense: nothing to export).
+    UserError: the run has no masks and no gates (dense: nothing to export), or
+      `out_dir` may not be replaced (see `check_destination`).
   """
   arrays = frozen.mask_arrays()
   if not arrays and not frozen.gates:
-    raise ValueError("This run is dense (no masks, no gates): there is nothing to export.")
-  out_dir = pathlib.Path(out_dir).absolute()
+    raise UserError("This run is dense (no masks, no gates): there is nothing to export.")
+  out_dir = check_destination(out_dir)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+  old = None
   try:
     _write(tmp, arrays, frozen, block_size, heatmaps)
+    (tmp / MARKER).write_text(json.dumps({"format": 1}) + "\n")
+    check_destination(out_dir)  # Again: it may have changed while writing.
     if out_dir.exists():
-      shutil.rmtree(out_dir)
+      old = pathlib.Path(tempfile.mkdtemp(prefix=out_dir.name + ".old-", dir=out_dir.parent))
+      os.replace(out_dir, old / "export")
     os.replace(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None and not out_dir.exists():
+      os.replace(old / "export", out_dir)  # Put the earlier export back.
     raise
-  return sorted(p for p in out_dir.rglob("*") if p.is_file())
+  finally:
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  return sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MARKER)
 
 
 def _write(d: pathlib.Path, arrays: dict[str, np.ndarray], frozen, block_size: int,

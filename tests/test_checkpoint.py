@@ -221,3 +221,64 @@ def test_restore_changes_only_what_the_target_says(tmp_path):
   wrong = dict(_target(), extra=jnp.zeros(2))
   with pytest.raises(ckpt_lib.CheckpointError):
     ck.restore_state(wrong)
+
+
+# ---------------------------------------------------------------------------- integrity
+
+
+def _noisy(step: int) -> dict:
+  """Random weights: the stored bytes are incompressible, so a flipped bit still decodes."""
+  return {"w": jax.random.normal(jax.random.PRNGKey(step), (256, 256)),
+          "step": jnp.asarray(step, jnp.int32)}
+
+
+def _flip_one_bit_of_largest_file(step_dir: pathlib.Path) -> None:
+  files = [p for p in step_dir.rglob("*") if p.is_file()]
+  big = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(big.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  big.write_bytes(bytes(data))
+
+
+def test_flipped_bit_in_data_file_falls_back_to_previous_step(tmp_path, caplog):
+  ck = ckpt_lib.Checkpointer(tmp_path / "ck", keep=3, async_save=False)
+  for s in (1, 2):
+    ck.save(s, _noisy(s))
+  ck.close()
+  _flip_one_bit_of_largest_file(tmp_path / "ck" / "2" / "state")
+  ck = ckpt_lib.Checkpointer(tmp_path / "ck", keep=3, async_save=False)
+  with caplog.at_level(logging.WARNING):
+    state, step = ck.restore_state(jax.tree.map(jnp.zeros_like, _noisy(0)),
+                                   set_aside_unreadable=True)
+  assert step == 1
+  np.testing.assert_array_equal(state["w"], _noisy(1)["w"])
+  assert "IntegrityError" in caplog.text and "fingerprint mismatch" in caplog.text
+  assert (tmp_path / "ck" / "2.unreadable-0").is_dir()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32, jnp.bool_,
+                                   jnp.uint8])
+def test_fingerprint_changes_with_any_single_bit(dtype):
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 2, (3, 5, 7)) if dtype == jnp.bool_ else rng.normal(size=(3, 5, 7))
+  x = jnp.asarray(x).astype(dtype)
+  base = ckpt_lib.fingerprints({"x": x})
+  words = np.asarray(jax.lax.bitcast_convert_type(x, jnp.uint8)) if dtype != jnp.bool_ \
+      else np.asarray(x)
+  flat = words.reshape(-1)
+  for i in rng.choice(flat.size, 20, replace=False):
+    changed = flat.copy()
+    changed[i] ^= 1 if dtype == jnp.bool_ else np.uint8(1 << int(rng.integers(0, 8)))
+    changed = changed.reshape(words.shape)
+    y = (jnp.asarray(changed) if dtype == jnp.bool_ else
+         jax.lax.bitcast_convert_type(jnp.asarray(changed), dtype))
+    assert ckpt_lib.fingerprints({"x": y}) != base, i
+
+
+def test_fingerprint_is_the_same_on_a_sharded_array():
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 6))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+  y = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+  assert ckpt_lib.fingerprints([x]) == ckpt_lib.fingerprints([y])
+  # Swapping two rows keeps the first sum's multiset but not the fingerprint.
+  assert ckpt_lib.fingerprints([x[::-1]]) != ckpt_lib.fingerprints([x])

@@ -97,3 +97,55 @@ def _masks_cfg(source):
   import ml_collections
   return ml_collections.ConfigDict(dict(source=source, pattern="", kwargs={}, layers=None,
                                         start_layer=0, remove_diagonal=False))
+
+
+# -------------------------------------------------------------------------------- safety
+
+
+def test_export_refuses_a_users_folder_and_leaves_it_intact(tmp_path):
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "notes.txt").write_text("keep me")
+  with pytest.raises(export.UserError, match=r"not an earlier mask export.*notes\.txt"):
+    export.export_masks(_frozen(), out, block_size=16, heatmaps=False)
+  assert (out / "notes.txt").read_text() == "keep me"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # No temporaries left.
+
+
+@pytest.mark.parametrize("run_file", ["checkpoints", "metrics.jsonl", "results.json"])
+def test_export_refuses_a_workdir_even_with_a_marker(tmp_path, run_file):
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "5").mkdir(parents=True)
+  (workdir / "metrics.jsonl").write_text("{}\n")
+  (workdir / "results.json").write_text("{}\n")
+  (workdir / export.MARKER).write_text("{}")
+  with pytest.raises(export.UserError, match="holds a run's files or checkpoints"):
+    export.check_destination(workdir)
+  with pytest.raises(export.UserError):
+    export.export_masks(_frozen(), workdir, block_size=16, heatmaps=False)
+  assert (workdir / "checkpoints" / "5").is_dir() and (workdir / run_file).exists()
+
+
+def test_export_replaces_an_earlier_export_and_an_empty_dir(tmp_path):
+  out = tmp_path / "e"
+  out.mkdir()  # Empty: allowed.
+  export.export_masks(_frozen(n=40), out, block_size=16, heatmaps=False)
+  assert (out / export.MARKER).exists()
+  export.export_masks(_frozen(n=24), out, block_size=8, heatmaps=False)
+  per_layer, meta = fixed_masks.load_exported(out)
+  assert meta["seq_len"] == 24 and per_layer[0].shape[-1] == 24
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+def test_failed_export_keeps_the_earlier_export(tmp_path, monkeypatch):
+  out = tmp_path / "e"
+  export.export_masks(_frozen(n=40), out, block_size=16, heatmaps=False)
+
+  def broken(*args, **kwargs):
+    raise OSError("disk full")
+  monkeypatch.setattr(export, "_write_orbax", broken)
+  with pytest.raises(OSError, match="disk full"):
+    export.export_masks(_frozen(n=24), out, block_size=16, heatmaps=False)
+  _, meta = fixed_masks.load_exported(out)
+  assert meta["seq_len"] == 40
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
