@@ -7,8 +7,10 @@
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from sparse_attn import cli
 
 config_flags.DEFINE_config_file("config", None, "Optional config (default: the run's own).",
                                 lock_config=True)
@@ -23,14 +25,17 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from sparse_attn import export, train
+  if FLAGS.export_masks:  # Refuse a bad destination before the evaluation, not after.
+    export.check_destination(FLAGS.export_masks)
   metrics, run, frozen = train.evaluate_workdir(FLAGS.workdir, FLAGS.config, FLAGS.step)
   for split, m in metrics.items():
     print(f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items())
                                     if not k.startswith("density/")))
+  train.check_finite_metrics(metrics, f"eval.py --workdir {FLAGS.workdir}")
   if FLAGS.export_masks:
     written = export.export_masks(frozen, FLAGS.export_masks)
     print(json.dumps({"exported": [str(p) for p in written]}, indent=1))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

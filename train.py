@@ -2,8 +2,10 @@
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from sparse_attn import cli
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).",
                                 lock_config=True)
@@ -30,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -91,7 +91,7 @@ def fingerprints(tree: Any) -> dict[str, str]:
   leaves = jax.tree_util.tree_leaves_with_path(tree)
   if not leaves:
     return {}
-  paths = [jax.tree_util.keystr(p) for p, _ in leaves]
+  paths = [_path_name(p) for p, _ in leaves]
   values = _fingerprint_tree([jnp.asarray(v) if isinstance(v, np.ndarray) else v
                               for _, v in leaves])
   out = {}
@@ -103,18 +103,28 @@ def fingerprints(tree: Any) -> dict[str, str]:
   return out
 
 
+def _path_name(path) -> str:
+  """"opt_state/1/mu/..." for a key path, the same for a typed and an untyped restore."""
+  def name(k):
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return "/".join(name(k) for k in path)
+
+
 def _verify(kind: str, tree: Any, expected: dict[str, str] | None, where: str) -> None:
   """Raises IntegrityError when a restored tree's fingerprints differ from the saved."""
   if expected is None:
     return  # Saved before fingerprints were recorded.
   got = fingerprints(tree)
-  bad = sorted(k for k in got if expected.get(k) != got[k])
+  bad = sorted(k for k in set(got) | set(expected) if expected.get(k) != got.get(k))
   if bad:
     raise IntegrityError(f"{where}: {len(bad)} array(s) of '{kind}' differ from what was "
                          f"saved (fingerprint mismatch: {bad[:3]}); the files are corrupted.")
 
 
-def _abstract(tree: Any) -> Any:
+def abstract(tree: Any) -> Any:
   """ShapeDtypeStructs carrying shardings, the restore target for StandardRestore."""
   def leaf(x):
     sharding = getattr(x, "sharding", None)
@@ -151,10 +161,17 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=not read_only,
-        read_only=read_only)
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_names=("state", "masks", "masks_meta", "config", "checksums"))
+        read_only=read_only, save_interval_steps=0 if read_only else 1)
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    if read_only:  # orbax announces read-only managers with warnings: expected here.
+      absl_log.setLevel(logging.ERROR)
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_names=("state", "masks", "masks_meta", "config", "checksums"))
+    finally:
+      absl_log.setLevel(level)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -164,6 +181,12 @@ class Checkpointer:
 
   def has_step(self, step: int) -> bool:
     return step in self.manager.all_steps()
+
+  def _check_step(self, step: int | None) -> None:
+    if step is not None and not self.has_step(step):
+      raise CheckpointError(f"No checkpoint of step {step} in {self.directory}; the steps "
+                            f"there are {self.all_steps()}. Pass one of them (or no step "
+                            "for the latest).")
 
   def save(self, step: int, state: Any, *, masks: dict[str, np.ndarray] | None = None,
            masks_meta: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
@@ -213,15 +236,16 @@ class Checkpointer:
     Returns:
       (state, step), or None when the directory holds no checkpoint.
     """
+    self._check_step(step)
     steps = [step] if step is not None else self.all_steps()[::-1]
     if not steps:
       return None
-    abstract = _abstract(target)
+    target = abstract(target)
     errors, failed = [], []
     for s in steps:
       try:
         out = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))
+            state=ocp.args.StandardRestore(target)))
         _verify("state", out["state"], self._checksums(s, "state"),
                 str(self.directory / str(s)))
         if errors:
@@ -299,6 +323,8 @@ class Checkpointer:
     return {k: np.asarray(v) for k, v in out["masks"].items()}, dict(out["masks_meta"])
 
   def restore_config(self, step: int | None = None) -> dict[str, Any] | None:
+    """The experiment config saved with `step` (default latest), or None."""
+    self._check_step(step)
     step = self.latest_step() if step is None else step
     if step is None or not (self.directory / str(step) / "config").exists():
       return None

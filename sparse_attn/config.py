@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 from typing import Any
 
 import ml_collections
@@ -42,6 +44,7 @@ from sparse_attn import data as data_lib
 from sparse_attn import hostmem
 from sparse_attn import model as model_lib
 from sparse_attn import sharding
+from sparse_attn.errors import UserError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -182,8 +185,8 @@ def _check_keys(given: dict, schema: dict, prefix: str) -> None:
     if key not in schema:
       close = difflib.get_close_matches(key, list(schema), n=3, cutoff=0.5)
       hint = f" Did you mean {close}?" if close else ""
-      raise ValueError(f"Unknown config key '{path}'.{hint} Valid keys here: "
-                       f"{sorted(schema)}.")
+      raise UserError(f"Unknown config key '{path}'.{hint} Valid keys here: "
+                      f"{sorted(schema)}.")
     if (tuple(path.split(".")) in _FREE_FORM or not isinstance(schema[key], dict)
         or not isinstance(value, dict)):
       continue
@@ -213,8 +216,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     method's).
 
   Raises:
-    ValueError: an unknown key anywhere (the message lists the close valid ones), or an
-      unknown BertConfig field in `model`.
+    UserError: an unknown key anywhere (the message lists the close valid ones), an
+      unknown BertConfig field in `model`, a value of the wrong type, or a value out of
+      its range (`check_values`).
   """
   from sparse_attn import learn  # Local import: learn imports model-level modules.
   given = config.to_dict()
@@ -228,11 +232,133 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                          if k not in ("data", "structure")}, "")
   out = ml_collections.ConfigDict(given)
   out.data = data_lib.with_defaults(given.get("data", {}))
+  _check_types(given, base_config().to_dict(), "", skip=("structure", "model"))
+  _check_types(structure, method_defaults.to_dict(), "structure.")
   merged = method_defaults
   merged.update(structure)
   out.structure = merged
   hostmem.wanted(out.train.host_memory)  # Raises on an unknown value.
+  check_values(out)
   return out
+
+
+def _type_name(value: Any) -> str:
+  return {bool: "a bool", int: "an int", float: "a number", str: "a string"}[type(value)]
+
+
+def _check_types(given: dict, schema: dict, prefix: str, skip: tuple = ()) -> None:
+  """Scalars must have their default's type (an int is accepted for a float)."""
+  for key, value in given.items():
+    path = f"{prefix}{key}"
+    if key in skip or key not in schema or tuple(path.split(".")) in _FREE_FORM:
+      continue
+    default = schema[key]
+    if isinstance(default, dict) and isinstance(value, dict):
+      _check_types(value, default, path + ".")
+      continue
+    if default is None or value is None or type(default) not in (bool, int, float, str):
+      continue
+    ok = (isinstance(value, float | int) and not isinstance(value, bool)
+          if type(default) is float else type(value) is type(default))
+    if not ok:
+      raise UserError(f"Config key '{path}' must be {_type_name(default)} (like its default "
+                      f"{default!r}), got {value!r} ({type(value).__name__}).")
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+  if not ok:
+    raise UserError(f"Config key '{key}' = {value!r} is out of range: it must be {what}.")
+
+
+def check_values(c: ml_collections.ConfigDict) -> None:
+  """Range checks of a complete config, so that bad values fail before any JAX work.
+
+  Raises:
+    UserError: naming the key, its value and the allowed range.
+  """
+  t, ck, o = c.train, c.checkpoint, c.optimizer
+  for key in ("batch_size", "eval_batch_size", "log_every"):
+    _require(t[key] >= 1, f"train.{key}", t[key], ">= 1")
+  for key, zero in (("num_steps", "train for num_epochs"), ("eval_every", "only at the end"),
+                    ("max_eval_batches", "all")):
+    _require(t[key] >= 0, f"train.{key}", t[key], f">= 0 (0 = {zero})")
+  if t.num_steps == 0:
+    _require(math.isfinite(t.num_epochs) and t.num_epochs > 0, "train.num_epochs",
+             t.num_epochs, "> 0 when train.num_steps is 0")
+  _require(len(t.eval_splits) >= 1, "train.eval_splits", list(t.eval_splits),
+           "a non-empty list of split names")
+  _require(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, ">= 0 (0 = off)")
+  _require(ck.keep >= 1, "checkpoint.keep", ck.keep, ">= 1")
+  _require(ck.keep_best >= 0, "checkpoint.keep_best", ck.keep_best, ">= 0")
+  _require(math.isfinite(o.learning_rate) and o.learning_rate >= 0,
+           "optimizer.learning_rate", o.learning_rate, "a finite number >= 0")
+  _require(0 <= o.warmup_fraction < 1, "optimizer.warmup_fraction", o.warmup_fraction,
+           "in [0, 1)")
+  _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, ">= 0")
+  _require((o.grad_clip_norm or 0) >= 0, "optimizer.grad_clip_norm", o.grad_clip_norm,
+           ">= 0 (0 = off)")
+  for key in ("b1", "b2"):
+    _require(0 <= o[key] < 1, f"optimizer.{key}", o[key], "in [0, 1)")
+  _require(o.eps > 0, "optimizer.eps", o.eps, "> 0")
+  _require(c.data.max_len >= 2, "data.max_len", c.data.max_len,
+           ">= 2 (room for [CLS] and [SEP])")
+  positions = c.model.get("max_position_embeddings")
+  if positions is not None:
+    check_max_len(c.data.max_len, positions)
+  _require(c.export.block_size >= 1, "export.block_size", c.export.block_size, ">= 1")
+
+
+def check_max_len(max_len: int, positions: int) -> None:
+  """data.max_len must fit the model's position embeddings."""
+  if max_len > positions:
+    raise UserError(
+        f"data.max_len={max_len} is longer than the model's {positions} position "
+        f"embeddings, so batches longer than {positions} tokens would fail mid-run. Lower "
+        f"data.max_len to at most {positions}.")
+
+
+# Keys a resumed run may change: how it is logged, evaluated, saved, placed and launched,
+# and the knobs that recover from a divergence. Everything else must match the saved
+# config, since the checkpoint's state and masks were built for it.
+MAY_CHANGE_ON_RESUME = (
+    "train.log_every", "train.eval_every", "train.eval_splits", "train.max_eval_batches",
+    "train.eval_batch_size", "train.compilation_cache", "train.host_memory",
+    "train.num_steps", "train.num_epochs", "data.max_eval_examples", "checkpoint.",
+    "export.", "mesh.", "distributed.", "optimizer.learning_rate",
+    "optimizer.grad_clip_norm", "optimizer.warmup_fraction")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out  # An empty dict adds no key: its keys show up when set.
+  return {prefix[:-1]: tree}
+
+
+def config_changes(saved: dict, current: ml_collections.ConfigDict
+                   ) -> tuple[list[str], list[str]]:
+  """Differences between a run's saved config and the config it is resumed with.
+
+  Args:
+    saved: the config JSON saved with the checkpoint (any library version).
+    current: the validated config of this invocation.
+
+  Returns:
+    (changes that forbid resuming, changes allowed on resume), each "key: old -> new".
+  """
+  old = _flatten(json.loads(json.dumps(validate(ml_collections.ConfigDict(saved)).to_dict(),
+                                       default=str)))
+  new = _flatten(json.loads(json.dumps(current.to_dict(), default=str)))
+  forbidden, allowed = [], []
+  for key in sorted(set(old) | set(new)):
+    if old.get(key) != new.get(key):
+      line = f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+      free = any(key == k or (k.endswith(".") and key.startswith(k))
+                 for k in MAY_CHANGE_ON_RESUME)
+      (allowed if free else forbidden).append(line)
+  return forbidden, allowed
 
 
 def bert_overrides(model_section: Any) -> dict[str, Any]:

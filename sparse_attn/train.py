@@ -9,10 +9,19 @@ and every step is jitted with in/out shardings over the config's device mesh.
 
 Resume order (see checkpoint.py): the latest restorable checkpoint in the workdir, else
 `config.init_from` (pretrained weights or another run), else random initialisation.
+
+Guarantees of `train_and_evaluate`: the workdir is locked for the run (`lock.py`); the
+config is checked (keys, types, ranges) before any JAX work and, on resume, against the
+config saved with the checkpoint; a run resumed at or past its last step goes straight to
+the final evaluation, results and export; an error escaping the loop first waits for the
+pending checkpoint saves; a checkpoint is saved only with finite parameters, and after a
+divergence the newest checkpoint whose forward pass is finite is kept (newer ones are set
+aside as `<step>.nonfinite-<n>`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,15 +46,39 @@ from sparse_attn import data as data_lib
 from sparse_attn import fixed_masks as fixed_lib
 from sparse_attn import hostmem
 from sparse_attn import learn
+from sparse_attn import lock as lock_lib
 from sparse_attn import model as model_lib
 from sparse_attn import observe
 from sparse_attn import pretrained
 from sparse_attn import sharding
+from sparse_attn.errors import UserError
 from sparse_attn.train_steps import TrainState, make_eval_step, make_train_step
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
+class NonFiniteLossError(UserError, FloatingPointError):
+  """The training loss (or an evaluation of the model) became NaN or infinite."""
+
+
+def check_finite_metrics(metrics: dict[str, dict[str, float]], where: str) -> None:
+  """Raises NonFiniteLossError when an evaluation's loss or metric is NaN / infinite.
+
+  A correlation (Pearson, Spearman, Matthews) of constant predictions is undefined, not
+  divergent: with a finite loss it only logs a warning.
+  """
+  for split, m in metrics.items():
+    loss = m.get("loss", 0.0)
+    bad = sorted(k for k, v in m.items() if not math.isfinite(float(v)))
+    if not bad:
+      continue
+    undefined = {"pearson", "spearman", "matthews_corrcoef", "mcc"}
+    if math.isfinite(float(loss)) and set(bad) <= undefined:
+      logging.warning("%s: %s on %s is undefined (constant predictions?).", where, bad, split)
+      continue
+    raise NonFiniteLossError(
+        f"{where}: non-finite evaluation metrics on {split}: "
+        + ", ".join(f"{k}={m[k]}" for k in bad) + ". The model's weights or its inputs hold "
+        "NaN / infinite values; evaluate an earlier step (--step), or retrain with a lower "
+        "optimizer.learning_rate or optimizer.grad_clip_norm set.")
 
 
 # ---------------------------------------------------------------------------- building
@@ -101,20 +134,18 @@ def _restore_run(source: str, role: str) -> tuple["Run", TrainState]:
   src_dir = pathlib.Path(source).absolute()
   saved = None
   if (src_dir / "checkpoints").is_dir():
-    ck = ckpt_lib.Checkpointer(src_dir / "checkpoints", async_save=False)
+    ck = ckpt_lib.Checkpointer(src_dir / "checkpoints", async_save=False, read_only=True)
     saved = ck.restore_config()
     ck.close()
   if saved is None:
     raise ckpt_lib.CheckpointError(
         f"{role.format(source)}: no checkpoint with a config in {src_dir}/checkpoints; "
         "train that run first (or fix the path).")
-  cache = jax.config.jax_compilation_cache_dir
-  try:
-    src = setup(ml_collections.ConfigDict(saved), src_dir, restore=False)
-    restored = src.ckpt.restore_state(src.state)  # Unreadable steps are skipped, not moved.
-    src.ckpt.close()
-  finally:
-    jax.config.update("jax_compilation_cache_dir", cache)
+  # The source's process-wide settings (allocator, compilation cache) are not applied.
+  src = setup(ml_collections.ConfigDict(saved), src_dir, restore=False, read_only=True,
+              process_settings=False)
+  restored = src.ckpt.restore_state(src.state)  # Unreadable steps are skipped, not moved.
+  src.ckpt.close()
   if restored is None:
     raise ckpt_lib.CheckpointError(f"{role.format(source)}: no readable checkpoint in "
                                    f"{src_dir}/checkpoints.")
@@ -391,27 +422,46 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(path).expanduser()))
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-          restore: bool = True) -> Run:
-  """Validates the config, builds data, model, structure, optimizer and the sharded state.
-
-  With `restore`, the state is the latest restorable checkpoint in `workdir`, else
-  `config.init_from`, else random (the resume order).
-  """
-  config = config_lib.validate(config)
+def prepare_process(config: ml_collections.ConfigDict) -> None:
+  """This command's process-wide settings: host allocator, multi-process JAX, compilation
+  cache. Taken from the current config only, never from a restored run's."""
   hostmem.reuse_freed_memory(config.train.host_memory)  # Before JAX's first computation.
   sharding.maybe_initialize_distributed(config)
   enable_compilation_cache(config.train.compilation_cache)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+          restore: bool = True, *, read_only: bool = False,
+          process_settings: bool = True) -> Run:
+  """Validates the config, builds data, model, structure, optimizer and the sharded state.
+
+  Args:
+    config: the experiment config.
+    workdir: the run's directory.
+    restore: the state is the latest restorable checkpoint in `workdir` (whose saved
+      config must match, see `config.config_changes`), else `config.init_from`, else
+      random (the resume order). Without it the state is freshly initialised.
+    read_only: open the checkpoints read-only (evaluation, teachers): nothing in `workdir`
+      is created or written.
+    process_settings: apply `prepare_process(config)` first.
+  """
+  config = config_lib.validate(config)
+  if process_settings:
+    prepare_process(config)
   workdir = pathlib.Path(workdir).absolute()
+  ckpt_dir = workdir / "checkpoints"
+  if restore and not read_only:
+    _check_resume_config(ckpt_dir, config)
+  task = data_lib.get_task(config.data)
+  bert_config, module, init_params = build_model(config, task)
+  config_lib.check_max_len(config.data.max_len, bert_config.max_position_embeddings)
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = sharding.rules_from_config(config.mesh.rules)
 
-  task = data_lib.get_task(config.data)
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
   train_ds = data_lib.build_dataset(config.data, "train", tokenizer=tokenizer)
   eval_sets = {s: data_lib.build_dataset(config.data, s, tokenizer=tokenizer)
                for s in config.train.eval_splits}
-  bert_config, module, init_params = build_model(config, task)
   max_len = config.data.max_len
   structure = learn.build(config.structure, bert_config, max_len, lengths=train_ds.lengths)
   fixed = fixed_lib.build(config.masks, bert_config, max_len)
@@ -427,10 +477,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   state, state_shardings = create_state(module, structure, tx, example, mesh, rules,
                                         config.train.seed)
   ckpt = ckpt_lib.Checkpointer(
-      workdir / "checkpoints", keep=config.checkpoint.keep,
+      ckpt_dir, keep=config.checkpoint.keep,
       keep_best=config.checkpoint.keep_best, best_metric=task.main_metric,
-      async_save=config.checkpoint.async_save)
-  restored = ckpt.restore_state(state, set_aside_unreadable=True) if restore else None
+      async_save=config.checkpoint.async_save, read_only=read_only)
+  restored = (ckpt.restore_state(state, set_aside_unreadable=not read_only) if restore
+              else None)
   if restored is not None:
     state, step = restored
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
@@ -439,6 +490,32 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   return Run(config, workdir, mesh, task, train_ds, eval_sets, bert_config, module,
              structure, fixed, total_steps, tx, schedules, state, state_shardings, ckpt,
              fixed_lib.resolve_sinks(config.masks.sink_tokens, tokenizer))
+
+
+def _check_resume_config(ckpt_dir: pathlib.Path, config) -> None:
+  """Refuses to resume a workdir whose checkpoints were written by another experiment."""
+  if not ckpt_dir.is_dir():
+    return
+  ck = ckpt_lib.Checkpointer(ckpt_dir, async_save=False, read_only=True)
+  try:
+    step = ck.latest_step()
+    saved = ck.restore_config() if step is not None else None
+  except Exception as e:  # noqa: BLE001 - an unreadable step falls back at restore.
+    logging.warning("Could not read the saved config of %s (%s); not compared.", ckpt_dir, e)
+    saved = None
+  finally:
+    ck.close()
+  if saved is None:
+    return
+  forbidden, allowed = config_lib.config_changes(saved, config)
+  if forbidden:
+    raise UserError(
+        f"The checkpoints in {ckpt_dir} (latest step {step}) were written with another "
+        "config; resuming would mix two experiments. Changed:\n  " + "\n  ".join(forbidden)
+        + f"\nUse a new --workdir (init_from='run:{ckpt_dir.parent}' starts from its "
+        f"weights), or rerun with the saved values (in {ckpt_dir / str(step) / 'config'}).")
+  if allowed:
+    logging.warning("Resuming step %d with changed settings: %s", step, "; ".join(allowed))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -451,14 +528,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     The final evaluation metrics per split, plus "step", "wall_time_s" and, after a
     SIGTERM, "preempted": True.
+
+  Raises:
+    UserError: a bad config, data, asset or checkpoint, a workdir locked by another run,
+      or a divergence (NonFiniteLossError, after keeping the newest finite checkpoint).
   """
   t_start = time.perf_counter()
-  run = setup(config, workdir)
+  config = config_lib.validate(config)
+  if config.distill.teacher:  # Saved with the run as an absolute path (resume elsewhere).
+    config.distill.teacher = str(pathlib.Path(config.distill.teacher).absolute())
+  prepare_process(config)
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:
+      stack.enter_context(lock_lib.WorkdirLock(workdir))
+    run = setup(config, workdir, process_settings=False)
+    try:
+      results = _train(run, t_start)
+    except BaseException:
+      _close_quietly(run.ckpt)  # Pending async saves land before the error leaves.
+      raise
+  return results
+
+
+def _close_quietly(ckpt) -> None:
+  try:
+    ckpt.close()
+  except Exception as e:  # noqa: BLE001 - keep the original error.
+    logging.error("Could not finish the pending checkpoint saves: %s", e)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _train(run: Run, t_start: float) -> dict[str, Any]:
+  """The loop of `train_and_evaluate` on a built run."""
   config, ckpt, state = run.config, run.ckpt, run.state
   run.workdir.mkdir(parents=True, exist_ok=True)
   start, total_steps = int(state.step), run.total_steps
-  if config.distill.teacher:  # Saved with the run as an absolute path (resume elsewhere).
-    config.distill.teacher = str(pathlib.Path(config.distill.teacher).absolute())
+  if start >= total_steps:
+    logging.warning("The checkpoint in %s is at step %d (train: %d steps): nothing to "
+                    "train; evaluating it and writing the results.", ckpt.directory, start,
+                    total_steps)
+  abstract = ckpt_lib.abstract(state)  # The restore target once `state` is donated.
   teacher, teacher_params = load_teacher(config, run.task)
   train_step = jax.jit(make_train_step(run.module, run.structure, run.fixed, run.tx, run.task,
                                        config.masks.combine, run.sinks, teacher),
@@ -469,15 +584,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   cfg_dict = config.to_dict()
   main_split = config.train.eval_splits[0]
 
+  def diverged(what: str, step: int):
+    return _keep_newest_finite(run, abstract, eval_step, what, step)
+
   def run_eval(state):
     out, frozen = run.evaluate(state, eval_step)
     for s, m in out.items():
       writer.write(int(state.step), m, split=s)
+    if any(not math.isfinite(float(m["loss"])) for m in out.values()):
+      raise diverged("The evaluation loss is not finite", int(state.step))
     return out, frozen
 
   def save(state, frozen=None, metrics=None, force=False):
+    step = int(state.step)
+    if ckpt.has_step(step):
+      return  # Already saved (a rerun of a finished or preempted-at-the-end run).
+    if not bool(_all_finite(state.params)):
+      raise diverged("The parameters hold NaN / infinite values", step)
     frozen = frozen or run.frozen(state)
-    ckpt.save(int(state.step), state, masks=frozen.mask_arrays(), masks_meta=frozen.metadata,
+    ckpt.save(step, state, masks=frozen.mask_arrays(), masks_meta=frozen.metadata,
               config=cfg_dict, metrics=metrics, force=force)
 
   def check(pending):
@@ -485,12 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics = jax.device_get(metrics)
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
-      ckpt.wait()
-      raise NonFiniteLossError(
-          f"Training loss is {loss} at step {step}. The last good checkpoint "
-          f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept. Lower "
-          "optimizer.learning_rate, set optimizer.grad_clip_norm, or check the data; "
-          "rerunning the same command resumes from that checkpoint.")
+      raise diverged(f"Training loss is {loss}", step)
     return step, metrics
 
   results: dict[str, Any] = {}
@@ -545,6 +665,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return results
 
 
+def _keep_newest_finite(run: Run, abstract, eval_step, what: str, step: int
+                        ) -> NonFiniteLossError:
+  """After a divergence: keeps the newest checkpoint whose forward pass is finite.
+
+  Newer checkpoints (finite loss when saved, but NaN / infinite once evaluated) are set
+  aside as `<step>.nonfinite-<n>`, so a rerun resumes from the kept one.
+
+  Returns:
+    The error to raise, saying which step was kept and what changes the outcome.
+  """
+  ckpt, config = run.ckpt, run.config
+  ckpt.wait()
+  split = config.train.eval_splits[0]
+  kept, bad = None, []
+  for s in reversed(ckpt.all_steps()):
+    try:
+      restored = ckpt.restore_state(abstract, s)
+    except ckpt_lib.CheckpointError:
+      continue  # Unreadable: the next resume skips it anyway.
+    state = restored[0]
+    ok = bool(_all_finite(state.params))
+    if ok:  # One evaluation batch through the model, as the resumed run would see it.
+      m = evaluate(eval_step, state, run.eval_sets[split], run.task, run.mesh,
+                   config.train.eval_batch_size, run.frozen(state), max_batches=1)
+      ok = math.isfinite(m["loss"])
+    if ok:
+      kept = s
+      break
+    bad.append(s)
+  if bad:
+    ckpt.set_aside(bad, "nonfinite")
+  o = config.optimizer
+  clip = (f"a smaller --config.optimizer.grad_clip_norm (now {o.grad_clip_norm:g}; e.g. "
+          f"{o.grad_clip_norm / 4:g})" if o.grad_clip_norm else
+          "--config.optimizer.grad_clip_norm=1 (now off)")
+  kept_text = (f"Kept step {kept} (finite parameters and evaluation loss); rerunning "
+               f"resumes there." if kept is not None else
+               "No checkpoint is finite; rerunning starts afresh.")
+  aside = (f" Set aside steps {sorted(bad)} as <step>.nonfinite-<n> in {ckpt.directory}."
+           if bad else "")
+  return NonFiniteLossError(
+      f"{what} at step {step}. {kept_text}{aside} The same command would meet the same "
+      "batches with the same settings and diverge again; change the outcome with a lower "
+      f"--config.optimizer.learning_rate (now {o.learning_rate:g}; e.g. "
+      f"{o.learning_rate / 10:g}), {clip}, or a longer "
+      f"--config.optimizer.warmup_fraction (now {o.warmup_fraction:g}); these may change "
+      "on resume. If the data holds NaN / infinite labels or features, fix them.")
+
+
 def _write_artifacts(run: Run, frozen) -> None:
   """End-of-training artifacts: exported masks and, for pruning, the pruned-layer report."""
   from sparse_attn import export
@@ -563,28 +732,36 @@ def evaluate_workdir(workdir: str | pathlib.Path, config=None, step: int | None 
                      ) -> tuple[dict[str, dict], Run, fixed_lib.FrozenStructure]:
   """Re-evaluates a run's checkpoint (default: latest) with its saved config.
 
+  Read-only: nothing in `workdir` is created or written. The process-wide settings
+  (allocator, compilation cache) come from `config` when given, else the defaults, never
+  from the saved config.
+
   Returns:
     (metrics per split, the Run, the frozen structure used).
+
+  Raises:
+    CheckpointError: no such workdir, no checkpoint there, or no checkpoint of `step`
+      (the message lists the steps there).
   """
   workdir = pathlib.Path(workdir).absolute()
-  # Before the checkpointer below starts JAX (the saved config is not read yet).
-  hostmem.reuse_freed_memory("auto" if config is None else
-                             config_lib.validate(config).train.host_memory)
-  if config is not None:
-    sharding.maybe_initialize_distributed(config)  # Before anything touches the backend.
-  else:
-    # The saved `distributed` section describes how the training job was launched
-    # (coordinator, process ids), not this one: use the defaults (plus the environment).
-    sharding.maybe_initialize_distributed(config_lib.base_config())
-    ck = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+  ckpt_dir = workdir / "checkpoints"
+  if not ckpt_dir.is_dir():
+    raise ckpt_lib.CheckpointError(
+        f"No run in {workdir} (no checkpoints/ directory): check the path, or train first.")
+  current = config_lib.validate(config if config is not None else config_lib.base_config())
+  # Before the checkpointer below starts JAX. The saved `distributed` section describes how
+  # the training job was launched (coordinator, process ids), not this one.
+  prepare_process(current)
+  if config is None:
+    ck = ckpt_lib.Checkpointer(ckpt_dir, async_save=False, read_only=True)
     saved = ck.restore_config(step)
     ck.close()
     if saved is None:
-      raise ckpt_lib.CheckpointError(f"No checkpoint with a config in {workdir}/checkpoints; "
+      raise ckpt_lib.CheckpointError(f"No checkpoint with a config in {ckpt_dir}; "
                                      "pass --config or train first.")
     config = ml_collections.ConfigDict(saved)
     config.distributed = config_lib.base_config().distributed
-  run = setup(config, workdir, restore=False)
+  run = setup(config, workdir, restore=False, read_only=True, process_settings=False)
   restored = run.ckpt.restore_state(run.state, step)
   if restored is None:
     raise ckpt_lib.CheckpointError(f"No checkpoint in {run.ckpt.directory}.")
