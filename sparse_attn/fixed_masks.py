@@ -25,6 +25,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
+import zipfile
+import zlib
 from typing import Any
 
 import jax
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attn import learn
+from sparse_attn.errors import UserError
 from sparse_attn.masks import patterns, schedule, stats
 
 
@@ -75,7 +79,9 @@ def build(masks_cfg, bert_config, max_len: int) -> tuple | None:
   if len(per_layer) != n_layers:
     raise ValueError(f"Masks in {source} are for {len(per_layer)} layers (metadata "
                      f"num_layers) but the model has {n_layers}.")
-  n = meta.get("seq_len") or next(m.shape[-1] for m in per_layer if m is not None)
+  # The arrays' own length (load_exported checked it against metadata seq_len): slicing
+  # below cuts masks to max_len, so shorter masks would only fail at the first long batch.
+  n = min(m.shape[-1] for m in per_layer if m is not None)
   if max_len > n:
     raise ValueError(f"Masks in {source} were made for sequence length {n}; this run uses "
                      f"data.max_len={max_len} > {n}. Set data.max_len <= {n} or learn masks "
@@ -102,10 +108,38 @@ def _on_layers(m, masks_cfg, n_layers):
   return schedule.later_layers(m, n_layers, int(masks_cfg.start_layer))
 
 
-def load_exported(path: str | pathlib.Path) -> tuple[list, dict[str, Any]]:
-  """Loads exported masks: ([per layer bool array or None], metadata).
+class ExportedMasksError(UserError):
+  """Exported masks (masks.npz, metadata.json or a run's masks item) that cannot be used."""
 
-  Accepts a directory with masks.npz (+ metadata.json), a .npz file, or a run's workdir.
+
+_LAYER_KEY = re.compile(r"layer_(\d+)")
+# Written by `freeze` into every export's metadata.json and every run's masks item.
+_REQUIRED_META = ("seq_len", "num_layers", "num_heads")
+_REEXPORT = ("Way out: export the masks again (`python eval.py --export_masks DIR` on the "
+             "run that learned them) or set masks.source to another export.")
+
+
+def load_exported(path: str | pathlib.Path) -> tuple[list, dict[str, Any]]:
+  """Loads exported masks and checks every array against the metadata.
+
+  Accepts a directory with masks.npz (+ metadata.json), a .npz file, or a run's workdir
+  (its latest checkpoint's masks item). Without a metadata.json (a bare .npz) the arrays
+  must agree with each other.
+
+  Args:
+    path: the export directory, .npz file or run workdir.
+
+  Returns:
+    (per_layer, metadata): per layer a bool [H, n, n] mask (1 <= H <= metadata num_heads,
+    n = metadata seq_len) or None for a dense layer, num_layers entries; the metadata
+    dict ({} for a bare .npz).
+
+  Raises:
+    FileNotFoundError: no masks at ``path``.
+    ExportedMasksError (a ValueError): an unreadable or corrupt masks.npz, a metadata.json
+      that is not a JSON object with positive integer seq_len / num_layers / num_heads,
+      or an array that disagrees with it (key, dtype, shape, length, heads, layers);
+      the message names the file and what mismatched.
   """
   path = pathlib.Path(path)
   meta: dict[str, Any] = {}
@@ -117,27 +151,116 @@ def load_exported(path: str | pathlib.Path) -> tuple[list, dict[str, Any]]:
     if got is None:
       raise FileNotFoundError(f"The run in {path} saved no masks.")
     arrays, meta = got
+    where = meta_where = f"the masks of the latest checkpoint in {path / 'checkpoints'}"
+    _check_metadata(meta, meta_where)
   else:
     npz = path / "masks.npz" if path.is_dir() else path
     if not npz.is_file():
       raise FileNotFoundError(f"No exported masks at {path}: expected a directory with "
                               "masks.npz (from `python eval.py --export_masks DIR`), a .npz "
                               "file, or a run's workdir.")
-    with np.load(npz, allow_pickle=False) as z:
-      arrays = {k: z[k] for k in z.files}
+    arrays, where = _read_npz(npz), str(npz)
     meta_path = npz.parent / "metadata.json"
     if meta_path.is_file():
-      meta = json.loads(meta_path.read_text())
-  bad = [k for k in arrays if not k.startswith("layer_")]
+      meta = _read_metadata(meta_path)
+      where = f"{npz} (against {meta_path})"
+  return _check_arrays(arrays, meta, where), meta
+
+
+def _read_npz(npz: pathlib.Path) -> dict[str, np.ndarray]:
+  """All arrays of an .npz file, read fully (so that a corrupt member fails here)."""
+  try:
+    z = np.load(npz, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+      raise ExportedMasksError(
+          f"{npz} holds a single array, not an .npz archive of masks "
+          "{'layer_<i>': bool [H, n, n]}. Save it with np.savez(path, layer_0=mask, ...).")
+    with z:
+      return {k: z[k] for k in z.files}
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+    if isinstance(e, ExportedMasksError):
+      raise
+    raise ExportedMasksError(f"{npz} is not a readable masks archive: it is corrupt, "
+                             f"truncated or not an .npz file ({type(e).__name__}: {e}). "
+                             + _REEXPORT) from e
+
+
+def _read_metadata(meta_path: pathlib.Path) -> dict[str, Any]:
+  """metadata.json as a dict, checked by `_check_metadata`."""
+  try:
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ExportedMasksError(f"{meta_path}, line {e.lineno} column {e.colno}: not valid "
+                             f"JSON ({e.msg}). {_REEXPORT}") from e
+  except (OSError, UnicodeDecodeError) as e:
+    raise ExportedMasksError(f"{meta_path} cannot be read ({e}). {_REEXPORT}") from e
+  _check_metadata(meta, str(meta_path))
+  return meta
+
+
+def _check_metadata(meta: Any, where: str) -> None:
+  """Checks the fields of exported-mask metadata that loading and `build` rely on."""
+  way_out = (f"{_REEXPORT} Or fix it: an export's metadata.json is a JSON object with "
+             "positive integers seq_len, num_layers and num_heads (delete it to use "
+             "masks.npz alone).")
+  if not isinstance(meta, dict):
+    raise ExportedMasksError(f"{where} holds a JSON {type(meta).__name__}, not an object "
+                             f"with the masks' metadata. {way_out}")
+  for key in _REQUIRED_META:
+    value = meta.get(key)
+    if key not in meta:
+      raise ExportedMasksError(f"{where} lacks {key!r}. {way_out}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ExportedMasksError(f"{where}: {key!r} is {value!r}; it must be a positive "
+                               f"integer. {way_out}")
+  sinks = meta.get("sink_tokens", [])
+  if not isinstance(sinks, list) or not all(isinstance(t, str) for t in sinks):
+    raise ExportedMasksError(f"{where}: 'sink_tokens' is {sinks!r}; it must be a list of "
+                             f"token strings such as [\"[SEP]\"]. {way_out}")
+  layers = meta.get("layers", {})
+  if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+    raise ExportedMasksError(f"{where}: 'layers' must be an object of per-layer objects "
+                             f"{{\"layer_<i>\": {{...}}}}. {way_out}")
+
+
+def _check_arrays(arrays: dict[str, Any], meta: dict[str, Any], where: str) -> list:
+  """[per layer bool [H, n, n] or None]: every array checked against ``meta`` (if any)."""
+  def fail(problem):
+    raise ExportedMasksError(f"Exported masks in {where}: {problem}. {_REEXPORT}")
+
+  if not arrays:
+    fail("no layer_<i> arrays (a dense run exports none)")
+  bad = sorted(k for k in arrays if not _LAYER_KEY.fullmatch(k))
   if bad:
-    raise ValueError(f"Unexpected arrays {bad} in exported masks at {path}; keys must be "
-                     "layer_<i>.")
-  num_layers = meta.get("num_layers") or 1 + max(int(k.split("_")[1]) for k in arrays)
-  per_layer = [arrays.get(f"layer_{i}") for i in range(num_layers)]
-  for i, m in enumerate(per_layer):
-    if m is not None and (m.ndim != 3 or m.shape[-1] != m.shape[-2]):
-      raise ValueError(f"Exported mask layer_{i} has shape {m.shape}; expected [H, n, n].")
-  return per_layer, meta
+    fail(f"unexpected arrays {bad}; keys must be layer_<i>")
+  n_want = meta.get("seq_len")
+  num_layers = meta.get("num_layers") or 1 + max(int(k[6:]) for k in arrays)
+  heads = meta.get("num_heads")
+  for name in sorted(arrays, key=lambda k: int(k[6:])):
+    m = arrays[name] = np.asarray(arrays[name])
+    if m.dtype != np.bool_:
+      fail(f"{name} has dtype {m.dtype}; masks are bool (True = may attend)")
+    if m.ndim != 3 or m.shape[-1] != m.shape[-2] or m.shape[0] < 1:
+      fail(f"{name} has shape {list(m.shape)}; expected [H, n, n] (H >= 1 heads, or 1 "
+           "shared by all heads)")
+    n_want = n_want or m.shape[-1]
+    if m.shape[-1] != n_want:
+      fail(f"{name} is {m.shape[-1]} x {m.shape[-1]} but "
+           + (f"metadata seq_len is {meta['seq_len']}" if "seq_len" in meta else
+              f"other layers are {n_want} x {n_want}"))
+    if int(name[6:]) >= num_layers:
+      fail(f"{name} is beyond metadata num_layers = {num_layers}")
+    if heads is not None and m.shape[0] > heads:
+      fail(f"{name} has {m.shape[0]} heads but metadata num_heads is {heads}")
+    listed = meta.get("layers", {}).get(name, {}).get("head_density")
+    if isinstance(listed, list) and len(listed) != m.shape[0]:
+      fail(f"{name} has {m.shape[0]} heads but the metadata lists densities of "
+           f"{len(listed)}")
+  missing = sorted(set(meta.get("layers", {})) - set(arrays))
+  if missing:
+    fail(f"the metadata describes {missing} but the masks lack them (a truncated or "
+         "mismatched masks.npz)")
+  return [arrays.get(f"layer_{i}") for i in range(num_layers)]
 
 
 def combine(fixed, learned, mode: str = "and"):

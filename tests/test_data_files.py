@@ -136,3 +136,40 @@ def test_multiple_files_per_split_are_concatenated(tmp_path):
   c = files_config(paths=dict(train=f"{a},{b}"))
   assert data.get_task(c).label_names == ("x", "y")
   assert data.load_examples(c, "train").texts == [("one",), ("two",)]
+
+
+@pytest.mark.parametrize("name,content,line,offset,kept", [
+    ("latin1.csv", b"text,label\ngood,pos\ncaf\xe9,neg\nbad,neg\n", 3, 23, 2),
+    ("latin1.tsv", b"text\tlabel\ngood\tpos\nna\xefve\tneg\n", 3, 22, 1),
+    ("latin1.jsonl", b'{"text": "a", "label": "pos"}\n{"text": "caf\xe9", "label": "neg"}\n'
+     b'{"text": "b", "label": "neg"}\n', 2, 43, 2),
+    # A quoted field spanning lines: the bad byte's line is named, the next row still reads.
+    ("quoted.csv", b'text,label\n"caf\xe9\ntwo lines",pos\nok,neg\n', 2, 15, 1),
+    ("quoted2.csv", b'text,label\n"two\nlines caf\xe9",pos\nok,neg\n', 3, 25, 1),
+    # Byte-order mark, CRLF and lone CR line ends: offsets count the raw bytes.
+    ("crlf.csv", b"\xef\xbb\xbftext,label\r\ngood,pos\rcaf\xe9,neg\r\nok,pos\r\n", 3, 27, 2),
+])
+def test_non_utf8_rows_name_file_line_and_offset(tmp_path, name, content, line, offset,
+                                                 kept):
+  (tmp_path / name).write_bytes(content)
+  c = files_config(labels=["neg", "pos"], paths=dict(train=str(tmp_path / name)))
+  with pytest.raises(data.BadRowError, match=(
+      rf"{name}, line {line}: not valid UTF-8 \(byte 0x.. at byte offset {offset} of the "
+      r"file.*re-encode the file.*iconv.*on_bad_rows='skip'")):
+    data.load_examples(c, "train")
+  c.on_bad_rows = "skip"
+  with pytest.warns(UserWarning, match=rf"Skipped 1 empty or malformed row.*1 of them not "
+                                       rf"valid UTF-8 \(first: .*{name}, line {line}\)"):
+    ex = data.load_examples(c, "train")
+  assert len(ex) == kept and all("\ufffd" not in t for (t,) in ex.texts)
+
+
+def test_undecodable_header_and_utf16_are_errors_even_when_skipping(tmp_path):
+  (tmp_path / "h.csv").write_bytes(b"t\xe9xt,label\ngood,pos\n")
+  (tmp_path / "u.csv").write_bytes("text,label\ngood,pos\n".encode("utf-16"))
+  for name, problem in (("h.csv", r"h.csv, line 1: header row not valid UTF-8 \(byte 0xe9 "
+                                  r"at byte offset 1"), ("u.csv", "u.csv: the file is UTF-16")):
+    c = files_config(labels=["neg", "pos"], on_bad_rows="skip",
+                     paths=dict(train=str(tmp_path / name)))
+    with pytest.raises(data.BadRowError, match=problem + ".*iconv"):
+      data.load_examples(c, "train")

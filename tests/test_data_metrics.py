@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import warnings
+
 import numpy as np
 import pytest
 
 from sparse_attn import data
+from sparse_attn.data import metrics as metrics_lib
 from sparse_attn.data.tasks import TFDS_TASKS, Task
 
 
@@ -114,3 +119,81 @@ def test_compute_metrics_mlm_accuracy_over_predicted_positions():
   logits[0, np.arange(4), [5, 6, 7, 8]] = 1.0
   got = data.compute_metrics(task, logits, np.array([[5, 0, 7, 9]]), np.array([[1, 0, 1, 1]]))
   assert got == pytest.approx(dict(accuracy=2 / 3))
+
+
+POS_TAGS = ("DT", "NN", "VBZ", "JJ", "O")  # "O" alone does not make a chunk tag set.
+
+
+@pytest.mark.parametrize("tags,chunked", [
+    (("O", "B-PER", "I-PER"), True),                    # IOB2 (CoNLL-2003, WNUT).
+    (("I-PER", "O", "B-PER"), True),                    # IOB1.
+    (("O", "B-LOC", "I-LOC", "E-LOC", "S-LOC"), True),  # IOBES.
+    (("O", "B-X", "I-X", "L-X", "U-X"), True),          # BILOU.
+    (("B-NP", "I-NP", "B-VP", "O"), True),              # CoNLL-2000 chunking.
+    (POS_TAGS, False),
+    (("O",), False),
+    (("B", "I", "O"), False),                           # No chunk type.
+    (("B-PER", "NN"), False),                           # Mixed.
+])
+def test_chunk_tag_set_rule(tags, chunked):
+  assert data.is_chunk_tag_set(tags) == chunked
+  task = Task(name="t", source="files", kind="token_classification", label_names=tags)
+  assert task.main_metric == ("f1" if chunked else "accuracy")
+  assert task.metric_names == (("f1", "precision", "recall", "accuracy") if chunked
+                               else ("accuracy",))
+
+
+def test_tag_set_known_later_still_decides_the_metrics():
+  # As get_task does for wnut16: the Task is made first, its tags read from the data later.
+  pending = Task(name="t", source="files", kind="token_classification")
+  assert dataclasses.replace(pending, label_names=POS_TAGS).metric_names == ("accuracy",)
+  assert dataclasses.replace(pending, label_names=("O", "B-X")).main_metric == "f1"
+  with pytest.raises(ValueError, match=r"\['f1'\] are entity.*'DT'.*metric_names"):
+    Task(name="t", source="files", kind="token_classification", label_names=POS_TAGS,
+         metric_names=("f1", "accuracy"))
+
+
+def _score(task, monkeypatch=None):
+  """compute_metrics on two sentences (one token wrong), recording every warning."""
+  y = np.array([[0, 1, 2, 0], [1, 3, 0, 0]])
+  p = np.array([[0, 1, 2, 0], [1, 2, 0, 0]])
+  w = np.array([[1, 1, 1, 1], [1, 1, 1, 0]])
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got = data.compute_metrics(task, p, y, w)
+  return got, [str(c.message) for c in caught]
+
+
+def test_pos_tags_score_token_accuracy_without_seqeval(tmp_path, monkeypatch):
+  rows = [{"tokens": ["the", "dog", "runs"], "tags": ["DT", "NN", "VBZ"]},
+          {"tokens": ["a", "big", "cat"], "tags": ["DT", "JJ", "NN"]}]
+  path = tmp_path / "pos.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  c = data.default_config()
+  c.update(source="files", kind="token_classification", text_columns=["tokens"],
+           label_column="tags", paths=dict(train=str(path)))
+  task = data.get_task(c)
+  assert task.label_names == ("DT", "JJ", "NN", "VBZ") and task.main_metric == "accuracy"
+
+  def no_entity_scores(*args):
+    raise AssertionError("seqeval must not score part-of-speech tags")
+  monkeypatch.setattr(metrics_lib, "entity_scores", no_entity_scores)
+  got, caught = _score(task)
+  assert got == pytest.approx({"accuracy": 6 / 7}) and caught == []
+  with pytest.raises(ValueError, match=r"need chunk tags.*\['DT'"):
+    data.entity_scores([["DT", "NN"]], [["DT", "NN"]])
+
+
+def test_chunk_tags_score_entities_without_warnings():
+  bio = Task(name="t", source="files", kind="token_classification",
+             label_names=("O", "B-PER", "I-PER", "B-LOC"))
+  got, caught = _score(bio)
+  assert caught == [] and got["accuracy"] == pytest.approx(6 / 7)
+  # 3 true entities (PER; PER, LOC), 2 predicted (PER; PER PER as one), 1 right.
+  assert got["precision"] == pytest.approx(1 / 2) and got["recall"] == pytest.approx(1 / 3)
+  # BILOU is read as IOBES (seqeval's CoNLL mode would not know L- and U-).
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    bilou = data.entity_scores([["B-X", "L-X", "U-Y", "O"]], [["B-X", "L-X", "O", "U-Y"]])
+  assert [str(c.message) for c in caught] == []
+  assert bilou == pytest.approx(dict(precision=0.5, recall=0.5, f1=0.5))

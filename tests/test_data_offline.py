@@ -97,12 +97,14 @@ def test_assets_read_a_member_out_of_a_source_archive(tmp_path, monkeypatch):
     tf.addfile(info, io.BytesIO(payload))
   (tmp_path / "wheels").mkdir()
   (tmp_path / "wheels" / "toy-pkg-1.0.tar.gz").write_bytes(buf.getvalue())
+  archive_sha = hashlib.sha256(buf.getvalue()).hexdigest()
   monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path))
   monkeypatch.setitem(assets.ASSETS, "toy/a.txt", assets.Asset(
       "toy-pkg==1.0", "toy_pkg-1.0/texts/a.txt", hashlib.sha256(payload).hexdigest(),
-      sdist=True))
+      sdist=True, archive_sha256=archive_sha))
   assert assets.fetch("toy/a.txt").read_bytes() == payload
   monkeypatch.setitem(assets.ASSETS, "toy/b.txt", assets.Asset(
-      "toy-pkg==1.0", "toy_pkg-1.0/texts/missing.txt", "0" * 64, sdist=True))
+      "toy-pkg==1.0", "toy_pkg-1.0/texts/missing.txt", "0" * 64, sdist=True,
+      archive_sha256=archive_sha))
   with pytest.raises(assets.AssetError, match="lacks toy_pkg-1.0/texts/missing.txt"):
     assets.fetch("toy/b.txt")

@@ -19,7 +19,7 @@ from sparse_attn.data.files import BadRowError
 from sparse_attn.data.metrics import (accuracy, compute_metrics, entity_scores, f1_binary,
                                       matthews_corrcoef, pearson, rankdata, spearman)
 from sparse_attn.data.mlm import mask_tokens
-from sparse_attn.data.tasks import KINDS, SOURCES, SPLITS, Examples, Task
+from sparse_attn.data.tasks import KINDS, SOURCES, SPLITS, Examples, Task, is_chunk_tag_set
 from sparse_attn.data.text import (Encoded, SpecialIds, encode_texts, encode_words,
                                    load_tokenizer, pack_texts, special_ids)
 from sparse_attn.data.tfds_source import TfdsNotPreparedError
@@ -28,7 +28,7 @@ __all__ = [
     "BadRowError", "Dataset", "Encoded", "Examples", "KINDS", "SOURCES", "SPLITS",
     "SpecialIds", "Task", "TfdsNotPreparedError", "accuracy", "bucket_lengths",
     "build_dataset", "compute_metrics", "default_config", "encode_texts", "encode_words",
-    "entity_scores", "epoch_permutation", "f1_binary", "get_task", "load_examples",
-    "load_tokenizer", "mask_tokens", "matthews_corrcoef", "pack_texts", "pearson",
+    "entity_scores", "epoch_permutation", "f1_binary", "get_task", "is_chunk_tag_set",
+    "load_examples", "load_tokenizer", "mask_tokens", "matthews_corrcoef", "pack_texts", "pearson",
     "rankdata", "spearman", "special_ids", "with_defaults",
 ]

@@ -18,7 +18,10 @@ Keys (defaults in brackets):
                            "files"   -- local CSV / TSV / JSONL files (``paths`` below).
   task ["rotten_tomatoes"]   task name within the source; free-form for "files".
   kind ["classification"]    "files" only: classification | regression |
-                             token_classification (JSONL with word and tag lists) | mlm.
+                             token_classification (JSONL with word and tag lists; scored by
+                             entity F1 if the tags are chunks -- every tag "O" or
+                             B-/I-/E-/S-/L-/U-<type> -- else by token accuracy, e.g. for
+                             part-of-speech tags) | mlm.
   tokenizer [""]         path of a tokenizers ``tokenizer.json``; "" = the MiniLM (BERT
                          uncased) tokenizer from the offline asset cache.
   max_len [128]          longest sequence in tokens, [CLS]/[SEP] included; longer inputs are
@@ -46,8 +49,9 @@ Keys (defaults in brackets):
   label_column ["label"] "files": the label column (unused for mlm).
   labels []              "files": the label set in label-id order; [] = the sorted distinct
                          labels of the training file. Any other label is an error.
-  on_bad_rows ["error"]  "files": "error" stops at the first empty or malformed row (file and
-                         line in the message); "skip" drops such rows and warns with a count.
+  on_bad_rows ["error"]  "files": "error" stops at the first empty or malformed row, or one
+                         that is not valid UTF-8 (file and line in the message); "skip"
+                         drops such rows and warns with a count.
   tfds_data_dir [""]     tfds data directory; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets.
   tfds_download [False]  let tfds download and prepare a missing dataset (needs internet).
   mlm_probability [0.15] fraction of non-special tokens predicted per MLM row (of those:

@@ -6,9 +6,10 @@ for token classification its text column is a list of words and its label column
 of tags of the same length. Files are UTF-8 (a byte-order mark is accepted).
 
 A bad row (blank, wrong number of fields, invalid JSON, missing or empty text or label, a
-non-numeric regression target) stops reading with an error naming the file and line, or,
-with ``on_bad_rows="skip"``, is dropped and counted in a warning. A label outside the
-declared label set is always an error, listing the valid labels.
+non-numeric regression target, bytes that are not valid UTF-8) stops reading with an error
+naming the file and line, or, with ``on_bad_rows="skip"``, is dropped and counted in a
+warning. A label outside the declared label set is always an error, listing the valid
+labels; so is an undecodable CSV / TSV header, or a UTF-16 file.
 """
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from sparse_attn.data.tasks import Examples
+from sparse_attn.errors import UserError
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl",
            ".ndjson": "jsonl", ".json": "jsonl"}
 
 
-class BadRowError(ValueError):
-  """A row of a data file is empty or malformed."""
+class BadRowError(UserError):
+  """A row of a data file is empty, malformed or not UTF-8 (a ValueError)."""
 
 
 def split_paths(paths: str | Sequence[str]) -> list[str]:
@@ -51,11 +54,59 @@ def file_format(path: str, declared: str = "") -> str:
   return FORMATS[ext]
 
 
+_NOT_UTF8 = "not valid UTF-8"
+# After a lone "\r" (old Mac line end): lines end at "\n", "\r\n" or "\r", as in text mode
+# with newline="", which the csv module needs to keep quoted newlines intact.
+_AFTER_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
+
+
+class _Utf8Lines:
+  """A binary file's physical lines decoded as UTF-8, noting the undecodable ones.
+
+  An undecodable line is yielded with U+FFFD in place of its bad bytes (which are never
+  ASCII, so CSV quoting and JSON structure are unchanged and the reader keeps its place)
+  and recorded in ``bad``: {line number: problem with the byte and its file offset}.
+  """
+
+  def __init__(self, f, path: str):
+    self.f, self.path = f, path
+    self.bad: dict[int, str] = {}
+
+  def __iter__(self) -> Iterator[str]:
+    line_no, offset = 0, 0
+    for raw in self.f:
+      for piece in _AFTER_LONE_CR.split(raw):
+        if not piece:
+          continue
+        line_no += 1
+        if line_no == 1 and piece.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark.
+          piece, offset = piece[3:], 3
+        try:
+          text = piece.decode("utf-8")
+        except UnicodeDecodeError as e:
+          self.bad[line_no] = (
+              f"{_NOT_UTF8} (byte 0x{piece[e.start]:02x} at byte offset {offset + e.start}"
+              f" of the file: {e.reason}); data files must be UTF-8: re-encode the file, "
+              f"e.g. from Windows-1252 / Latin-1 with 'iconv -f cp1252 -t utf-8 "
+              f"{os.path.basename(self.path)} > fixed{os.path.splitext(self.path)[1]}'")
+          text = piece.decode("utf-8", errors="replace")
+        offset += len(piece)
+        yield text
+
+
 def _rows(path: str, fmt: str) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
   """Yields (line number, row dict or None, problem) for every data row of a file."""
-  with open(path, encoding="utf-8-sig", newline="") as f:
+  with open(path, "rb") as f:
+    if f.peek(2)[:2] in (b"\xff\xfe", b"\xfe\xff"):
+      raise BadRowError(f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order "
+                        "mark); data files must be UTF-8. Re-encode it, e.g. 'iconv -f "
+                        "utf-16 -t utf-8 IN > OUT'.")
+    lines = _Utf8Lines(f, path)
     if fmt == "jsonl":
-      for line_no, line in enumerate(f, 1):
+      for line_no, line in enumerate(lines, 1):
+        if line_no in lines.bad:  # Popped: a file of bad lines is not kept in memory.
+          yield line_no, None, lines.bad.pop(line_no)
+          continue
         if not line.strip():
           yield line_no, None, "empty line"
           continue
@@ -67,13 +118,24 @@ def _rows(path: str, fmt: str) -> Iterator[tuple[int, dict[str, Any] | None, str
         yield (line_no, row, "") if isinstance(row, dict) else (
             line_no, None, "not a JSON object")
       return
-    reader = (csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv"
-              else csv.reader(f))
+    reader = (csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv"
+              else csv.reader(lines))
     header = next(reader, None)
+    bad_header = [n for n in lines.bad if n <= reader.line_num]
+    if bad_header:
+      n = bad_header[0]
+      raise BadRowError(f"{path}, line {n}: header row {lines.bad[n]}.")
     if not header:
       raise BadRowError(f"{path}: empty file; expected a header row naming the columns.")
+    done = reader.line_num
     for row in reader:
-      if not any(field.strip() for field in row):
+      # A quoted field may span lines: the row is bad if any line it took is undecodable.
+      bad = [(n, lines.bad.pop(n)) for n in range(done + 1, reader.line_num + 1)
+             if n in lines.bad]
+      done = reader.line_num
+      if bad:
+        yield bad[0][0], None, bad[0][1]
+      elif not any(field.strip() for field in row):
         yield reader.line_num, None, "empty row"
       elif len(row) != len(header):
         yield reader.line_num, None, f"{len(row)} fields, header has {len(header)}"
@@ -138,8 +200,8 @@ def read_examples(paths: str | Sequence[str], *, kind: str, text_columns: Sequen
     words with per-example int32 tag-id arrays; mlm: texts only.
 
   Raises:
-    FileNotFoundError, BadRowError (file and line in the message), ValueError (unknown
-    label, listing the valid ones).
+    FileNotFoundError, BadRowError (file and line in the message; also for bytes that
+    are not UTF-8, with their offset), ValueError (unknown label, listing the valid ones).
   """
   if on_bad_rows not in ("error", "skip"):
     raise ValueError(f"on_bad_rows must be 'error' or 'skip', not {on_bad_rows!r}.")
@@ -147,7 +209,7 @@ def read_examples(paths: str | Sequence[str], *, kind: str, text_columns: Sequen
     raise ValueError(f"text_columns must name 1 column (2 for a text pair); got "
                      f"{list(text_columns)}.")
   index = None if label_names is None else {str(n): i for i, n in enumerate(label_names)}
-  texts, labels, skipped = [], [], 0
+  texts, labels, skipped, undecodable = [], [], 0, []
   files = split_paths(paths)
   if not files:
     raise ValueError("No data file given; set config.data.paths.<split>.")
@@ -163,6 +225,8 @@ def read_examples(paths: str | Sequence[str], *, kind: str, text_columns: Sequen
           raise BadRowError(f"{path}, line {line_no}: {problem}. Fix the row, or set "
                             "config.data.on_bad_rows='skip' to drop bad rows.")
         skipped += 1
+        if problem.startswith(_NOT_UTF8):
+          undecodable.append(f"{path}, line {line_no}")
         continue
       if index is not None and kind in ("classification", "token_classification"):
         unknown = [x for x in (label if isinstance(label, list) else [label]) if x not in index]
@@ -174,7 +238,10 @@ def read_examples(paths: str | Sequence[str], *, kind: str, text_columns: Sequen
       texts.append(text)
       labels.append(label)
   if skipped:
-    warnings.warn(f"Skipped {skipped} empty or malformed row(s) in {files}.", stacklevel=2)
+    utf8 = (f"; {len(undecodable)} of them not valid UTF-8 (first: {undecodable[0]}): "
+            "re-encode the file(s) as UTF-8 to keep them") if undecodable else ""
+    warnings.warn(f"Skipped {skipped} empty or malformed row(s) in {files}{utf8}.",
+                  stacklevel=2)
   if kind == "mlm":
     return Examples(texts=texts)
   if kind == "token_classification":

@@ -3,8 +3,10 @@
 Accuracy, binary F1 and Matthews correlation (CoLA) for classification; Pearson and
 Spearman correlation (STS-B) for regression, both in plain numpy (Spearman = Pearson of
 average-tie ranks, as scipy.stats.spearmanr); entity-level precision / recall / F1 for
-NER through seqeval (CoNLL-style chunking) plus token accuracy; token accuracy for
-masked-LM (the loss, and so perplexity, is the training loop's).
+NER and chunking through seqeval (CoNLL-style chunking) plus token accuracy, or token
+accuracy alone when the tags are not chunk tags (e.g. part-of-speech tagging; see
+``tasks.is_chunk_tag_set``); token accuracy for masked-LM (the loss, and so perplexity,
+is the training loop's).
 
 A correlation of a constant input is undefined; it is reported as 0.0 rather than NaN so
 that "best checkpoint" comparisons stay meaningful early in training.
@@ -18,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sparse_attn.data.tasks import Task
+from sparse_attn.data.tasks import ENTITY_METRICS, Task, is_chunk_tag
 
 ArrayOrBatches = np.ndarray | Sequence[np.ndarray]
 
@@ -95,11 +97,27 @@ def spearman(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) ->
   return pearson(rankdata(x[keep]), rankdata(y[keep]), w[keep])
 
 
+# seqeval's default (CoNLL) mode reads IOB1/IOB2/IOE/IOBES; BILOU is IOBES renamed.
+_BILOU_TO_IOBES = {"L-": "E-", "U-": "S-"}
+
+
 def entity_scores(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict[str, float]:
-  """Entity-level precision, recall and F1 (seqeval, CoNLL chunking) of tag sequences."""
-  from seqeval import metrics as seqeval  # pylint: disable=g-import-not-at-top  (slow import)
+  """Entity-level precision, recall and F1 (seqeval, CoNLL chunking) of tag sequences.
+
+  Raises:
+    ValueError: a tag that is not a chunk tag ("O" or B-/I-/E-/S-/L-/U-<type>), for
+      which entity scores are meaningless (score such tags by token accuracy).
+  """
+  bad = sorted({t for seq in (*true_tags, *pred_tags) for t in seq if not is_chunk_tag(t)})
+  if bad:
+    raise ValueError(f"Entity scores need chunk tags ('O' or B-/I-/E-/S-/L-/U-<type>); got "
+                     f"{bad[:5]}. Score such tags by token accuracy.")
   if not any(true_tags) and not any(pred_tags):
     return dict(precision=0.0, recall=0.0, f1=0.0)
+  from seqeval import metrics as seqeval  # pylint: disable=g-import-not-at-top  (slow import)
+  fix = lambda seqs: [[_BILOU_TO_IOBES.get(t[:2], t[:2]) + t[2:] if t != "O" else t
+                       for t in seq] for seq in seqs]
+  true_tags, pred_tags = fix(true_tags), fix(pred_tags)
   kw = dict(zero_division=0)
   return dict(precision=float(seqeval.precision_score(true_tags, pred_tags, **kw)),
               recall=float(seqeval.recall_score(true_tags, pred_tags, **kw)),
@@ -150,7 +168,8 @@ def compute_metrics(task: Task, predictions: ArrayOrBatches, labels: ArrayOrBatc
   flat = [np.concatenate([a[w > 0] for a, w in zip(arrs, wts)]) for arrs in (preds, labs)]
   fw = np.concatenate([w[w > 0] for w in wts])
   result = dict(accuracy=accuracy(flat[0], flat[1], fw))
-  if task.kind == "token_classification":
+  # Task picked entity metrics only for chunk tag sets; else seqeval is never called.
+  if task.kind == "token_classification" and set(ENTITY_METRICS) & set(task.metric_names):
     names = np.array(task.label_names)
     true, pred = [], []
     for p, y, w in zip(preds, labs, wts):

@@ -12,7 +12,8 @@ Kinds: "classification" (labels [N] int), "regression" (labels [N] float),
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+import re
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -21,12 +22,36 @@ SOURCES = ("offline", "tfds", "files")
 SPLITS = ("train", "validation", "test")
 
 # Metrics reported per kind unless a task names its own; the first is the main metric.
+# Token classification reports entity (chunk) scores only for chunk tag sets (NER, BIO
+# chunking); any other tag set (e.g. part-of-speech tags) gets ``TOKEN_ACCURACY_METRICS``.
 DEFAULT_METRICS = {
     "classification": ("accuracy",),
     "regression": ("pearson", "spearman"),
     "token_classification": ("f1", "precision", "recall", "accuracy"),
     "mlm": ("accuracy",),
 }
+TOKEN_ACCURACY_METRICS = ("accuracy",)
+ENTITY_METRICS = ("f1", "precision", "recall")
+
+# "B-PER", "I-NP", "E-LOC", "S-ORG", "L-MISC", "U-X": a chunk prefix, "-", a chunk type.
+_CHUNK_TAG = re.compile(r"[BIESLU]-.+", re.DOTALL)
+
+
+def is_chunk_tag(tag: str) -> bool:
+  """True for "O" and "<P>-<type>" tags, P one of B I E S (IOB1/IOB2/IOE/IOBES) or L U
+  (BILOU)."""
+  return tag == "O" or bool(_CHUNK_TAG.fullmatch(tag))
+
+
+def is_chunk_tag_set(tags: Iterable[str]) -> bool:
+  """Whether a tag set names chunks, so that entity-level F1 means something.
+
+  True if every tag is ``is_chunk_tag`` and at least one is not "O". Anything else (e.g.
+  part-of-speech tags NN, VBZ, DT, or bare "B" / "I" tags without a type) is scored by
+  token accuracy only.
+  """
+  tags = list(tags)
+  return all(is_chunk_tag(t) for t in tags) and any(t != "O" for t in tags)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +64,8 @@ class Task:
     kind: one of ``KINDS``.
     label_names: class or tag names in label-id order; () for regression and mlm.
     metric_names: metrics ``compute_metrics`` returns; the first is ``main_metric``.
+      () = the kind's defaults; for token classification those depend on the tags:
+      entity F1 first for a chunk tag set (``is_chunk_tag_set``), else token accuracy.
     text_fields: source fields holding the text (two for sentence pairs; for token
       classification the word list).
     label_field: source field holding the label (tags for token classification).
@@ -58,8 +85,21 @@ class Task:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"Unknown task kind {self.kind!r}; valid kinds: {list(KINDS)}.")
-    if not self.metric_names:
-      object.__setattr__(self, "metric_names", DEFAULT_METRICS[self.kind])
+    metrics = tuple(self.metric_names) or DEFAULT_METRICS[self.kind]
+    if (self.kind == "token_classification" and self.label_names
+        and not is_chunk_tag_set(self.label_names)):
+      entity = [m for m in metrics if m in ENTITY_METRICS]
+      if metrics == DEFAULT_METRICS[self.kind]:
+        # Defaulted, maybe before the tag set was known (dataclasses.replace re-runs this
+        # with the tags read from the data): chunk F1 of non-chunk tags would be noise.
+        metrics = TOKEN_ACCURACY_METRICS
+      elif entity:
+        raise ValueError(
+            f"Task {self.name!r}: metrics {entity} are entity (chunk) scores, but its tags "
+            f"are not a chunk tag set (every tag 'O' or B-/I-/E-/S-/L-/U-<type>; got e.g. "
+            f"{[t for t in self.label_names if not is_chunk_tag(t)][:5]}). Use "
+            f"metric_names={TOKEN_ACCURACY_METRICS} or BIO / IOBES tags.")
+    object.__setattr__(self, "metric_names", metrics)
 
   @property
   def main_metric(self) -> str:
