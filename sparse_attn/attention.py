@@ -19,7 +19,8 @@ Fully masked query rows (no key may be attended) output exactly zero, with zero 
 never NaN; the residual connection around attention then carries the token through.
 
 Masked scores use a finite value (`jnp.finfo(float32).min`) and the softmax runs in float32
-whatever the input dtype.
+whatever the input dtype (float64 for float64 inputs, so that gradients can be checked
+against finite differences).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _combine_keep(mask: Array | None, key_valid: Array | None, b: int, h: int,
     if mask.dtype == jnp.bool_:
       keep = mask
     elif jnp.issubdtype(mask.dtype, jnp.floating):
-      scale = mask.astype(jnp.float32)
+      scale = mask.astype(jnp.promote_types(mask.dtype, jnp.float32))
     else:
       raise ValueError(f"Attention mask dtype {mask.dtype} is neither bool (True = may "
                        "attend) nor floating (a relaxed mask in [0, 1]).")
@@ -107,6 +108,7 @@ def dense_attention(q_BxQxHxD: Array, k_BxKxHxD: Array, v_BxKxHxD: Array, *,
     [B, Q, H, D] attention output, in the dtype of `v`.
   """
   depth = q_BxQxHxD.shape[-1]
+  acc = jnp.promote_types(q_BxQxHxD.dtype, jnp.float32)   # float64 stays float64.
   # Head-major operands make both einsums plain batched matmuls (no hidden transposes
   # of the [B, H, Q, K] tensors on CPU).
   q_BxHxQxD = jnp.transpose(q_BxQxHxD, (0, 2, 1, 3)) * jnp.asarray(
@@ -114,9 +116,9 @@ def dense_attention(q_BxQxHxD: Array, k_BxKxHxD: Array, v_BxKxHxD: Array, *,
   k_BxHxKxD = jnp.transpose(k_BxKxHxD, (0, 2, 1, 3))
   v_BxHxKxD = jnp.transpose(v_BxKxHxD, (0, 2, 1, 3))
   s_BxHxQxK = jnp.einsum("bhqd,bhkd->bhqk", q_BxHxQxD, k_BxHxKxD, precision=precision,
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=acc)
   if bias is not None:
-    s_BxHxQxK = s_BxHxQxK + bias.astype(jnp.float32)
+    s_BxHxQxK = s_BxHxQxK + bias.astype(acc)
   neg = jnp.finfo(jnp.float32).min
   if keep is not None:
     s_BxHxQxK = jnp.where(keep, s_BxHxQxK, neg)
@@ -141,7 +143,7 @@ def dense_attention(q_BxQxHxD: Array, k_BxKxHxD: Array, v_BxKxHxD: Array, *,
     p_BxHxQxK = dropout_fn(p_BxHxQxK)
   # Normalising the [B, H, Q, D] output instead of the [B, H, Q, K] weights saves a pass.
   o_BxHxQxD = jnp.einsum("bhqk,bhkd->bhqd", p_BxHxQxK.astype(v_BxKxHxD.dtype), v_BxHxKxD,
-                         precision=precision, preferred_element_type=jnp.float32)
+                         precision=precision, preferred_element_type=acc)
   o_BxHxQxD = o_BxHxQxD / jnp.where(z_BxHxQx1 > 0, z_BxHxQx1, 1.0)
   if keep is not None:
     # A fully masked row has every score at the same finite minimum (max = min): its

@@ -10,7 +10,13 @@ writes its dK / dV rows), with a register-blocked float32 GEMM and a vectorised 
 It is built on first use with the host's C++ compiler (`$CXX`, else `c++` / `g++`) for
 the host CPU (`-march=native`) into `<cache>/cpu_kernel/`, keyed by the source, the
 compiler, the flags, jaxlib's version and the CPU; the build is written to a temporary
-file and renamed, so a crashed build never leaves a broken library. Without a compiler
+file and renamed, so a crashed build never leaves a broken library. A library is code
+this process runs, so the cache is treated as such: the directory is this user's alone
+(created with mode 0o700; one owned by another user is refused, one that group or others
+could write is emptied), each build's SHA-256 is recorded next to it
+(`<library>.sha256`, `sha256sum` format, written atomically), and a cached library is
+loaded only if it still matches its record; otherwise (changed, truncated, or no record,
+e.g. from an older version) it is deleted and rebuilt, with a warning. Without a compiler
 (or with `SPARSE_ATTN_CPU_KERNEL=0`) `unsupported()` says why and the pure-JAX executor
 runs instead; `blocksparse.attend(..., impl='kernel')` then raises with the reason.
 
@@ -28,6 +34,7 @@ NQ / NK query / key blocks, C longest tile list of a query block.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -36,6 +43,7 @@ import os
 import pathlib
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -49,6 +57,7 @@ from sparse_attn.masks import layout as layout_lib
 SOURCE = pathlib.Path(__file__).with_name("blocksparse_cpu.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _FWD, _BWD = "sparse_attn_blocksparse_fwd", "sparse_attn_blocksparse_bwd"
+_RECORD = ".sha256"   # Suffix of a library's SHA-256 record: <library>.sha256.
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -71,23 +80,106 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cxx: str) -> pathlib.Path:
-  """Compiles the kernel (or finds the cached build) and returns the library path."""
-  from sparse_attn import assets  # pylint: disable=import-outside-toplevel
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
-                           check=False).stdout.splitlines()[:1]
-  source = SOURCE.read_text()
-  key = hashlib.sha256("\0".join(
-      [source, cxx, *version, *FLAGS, jaxlib.__version__, _cpu_id()]).encode())
-  out_dir = assets.cache_dir() / "cpu_kernel"
-  lib = out_dir / f"blocksparse_cpu_{key.hexdigest()[:16]}.so"
-  if lib.exists():
-    return lib
-  out_dir.mkdir(parents=True, exist_ok=True)
+def _uid() -> int:
+  """This process's effective user id (a function, so that tests can pose as another)."""
+  return os.geteuid()
+
+
+def _sha256(path: os.PathLike) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _private_dir(path: pathlib.Path) -> pathlib.Path:
+  """Creates `path` for this user alone (mode 0o700), or checks that an existing one is.
+
+  Whoever can write the directory can plant a library (and a matching record) that this
+  process would run, so no one but this user may.
+
+  Raises:
+    RuntimeError: `path` is not a directory, or it belongs to another user (whose files
+      cannot be trusted, nor removed).
+  """
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with contextlib.suppress(FileExistsError):
+    path.mkdir(mode=0o700)
+  st = os.stat(path)
+  if not stat.S_ISDIR(st.st_mode):
+    raise RuntimeError(f"the kernel cache {path} is not a directory")
+  if st.st_uid != _uid():
+    raise RuntimeError(
+        f"the kernel cache {path} belongs to uid {st.st_uid}, not to this user (uid "
+        f"{_uid()}): libraries in it are not loaded. Point $SPARSE_ATTN_CACHE at a "
+        "directory of your own")
+  if stat.S_IMODE(st.st_mode) != 0o700:
+    os.chmod(path, 0o700)   # First: from here on nobody else can add files.
+    if st.st_mode & 0o022:
+      # Others could have written any file in it, a record as easily as a library.
+      logging.warning("sparse_attn: the kernel cache %s was writable by group or others "
+                      "(mode %o): its files are not trusted and are removed; the kernel is "
+                      "rebuilt.", path, stat.S_IMODE(st.st_mode))
+      for entry in path.iterdir():
+        if entry.is_symlink() or entry.is_file():
+          entry.unlink(missing_ok=True)
+  return path
+
+
+@contextlib.contextmanager
+def _locked(directory: pathlib.Path):
+  """Holds an exclusive lock on `directory`, so that processes sharing the cache (test
+  workers, data-parallel launches) check and build one at a time instead of racing a
+  record against another build's library."""
+  try:
+    import fcntl  # pylint: disable=import-outside-toplevel
+  except ImportError:  # Not POSIX: renames stay atomic; a race costs a rebuild at worst.
+    yield
+    return
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)   # Releases the lock.
+
+
+def _verify(lib: pathlib.Path, record: pathlib.Path) -> str:
+  """Why the cached `lib` may not be loaded ('' if it may).
+
+  It may if it and its record are regular files of this user's that only this user can
+  write, and the library's SHA-256 is the recorded one.
+  """
+  for path in (lib, record):
+    try:
+      st = os.lstat(path)
+    except FileNotFoundError:
+      return "has no SHA-256 record" if path == record else "is missing"
+    if (not stat.S_ISREG(st.st_mode) or st.st_uid != _uid() or st.st_mode & 0o022):
+      return f"has {path.name} not a regular file that only this user can write"
+  try:
+    expected = record.read_text().split()[0].lower()
+  except (OSError, UnicodeDecodeError, IndexError):
+    expected = ""
+  if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+    return "has an unreadable SHA-256 record"
+  actual = _sha256(lib)
+  if actual != expected:
+    return (f"does not match its SHA-256 record (recorded {expected[:16]}..., found "
+            f"{actual[:16]}...): it changed after it was built")
+  return ""
+
+
+def _compile(cxx: str, source: str, out_dir: pathlib.Path, lib: pathlib.Path,
+             record: pathlib.Path) -> None:
+  """Compiles `source` to `lib` and records its SHA-256 in `record`, each written to a
+  temporary file and renamed (a crash leaves at worst a library without a record, which
+  the next load rebuilds)."""
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
   os.close(fd)
   src = tmp[:-3] + ".cc"   # The hashed text, even if the package file changes meanwhile.
+  rec = tmp[:-3] + _RECORD
   pathlib.Path(src).write_text(source)
   try:
     cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", src, "-o", tmp]
@@ -97,11 +189,44 @@ def _build(cxx: str) -> pathlib.Path:
       raise RuntimeError(f"`{' '.join(cmd)}` took over 600 s") from e
     if res.returncode:
       raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{res.stderr[-2000:]}")
+    # The linker's mode follows the umask (0o775 under 0o002): only this user may write.
+    os.chmod(tmp, 0o700)
+    with open(os.open(rec, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+      f.write(f"{_sha256(tmp)}  {lib.name}\n")
     os.replace(tmp, lib)
+    os.replace(rec, record)
   finally:
-    for path in (tmp, src):
+    for path in (tmp, src, rec):
       if os.path.exists(path):
         os.remove(path)
+
+
+def _build(cxx: str) -> pathlib.Path:
+  """Compiles the kernel (or finds the cached, verified build) and returns its path.
+
+  Raises:
+    RuntimeError: the build failed, or the cache directory belongs to another user.
+  """
+  from sparse_attn import assets  # pylint: disable=import-outside-toplevel
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                           check=False).stdout.splitlines()[:1]
+  source = SOURCE.read_text()
+  key = hashlib.sha256("\0".join(
+      [source, cxx, *version, *FLAGS, jaxlib.__version__, _cpu_id()]).encode())
+  out_dir = _private_dir(assets.cache_dir() / "cpu_kernel")
+  lib = out_dir / f"blocksparse_cpu_{key.hexdigest()[:16]}.so"
+  record = lib.with_name(lib.name + _RECORD)
+  with _locked(out_dir):
+    if os.path.lexists(lib) or os.path.lexists(record):
+      why = _verify(lib, record)
+      if not why:
+        return lib
+      logging.warning("sparse_attn: the cached CPU kernel %s %s; it is deleted and "
+                      "rebuilt, not loaded.", lib, why)
+      for path in (record, lib):
+        path.unlink(missing_ok=True)
+    _compile(cxx, source, out_dir, lib, record)
   return lib
 
 

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _require
 from sparse_attn import accel
 from sparse_attn import attention
 from sparse_attn import blocksparse
-from sparse_attn import cpu_kernel
 from sparse_attn.masks import patterns
 
 
@@ -18,7 +18,33 @@ def _qkv(b, length, h, d, seed=0):
           for _ in range(4)]
 
 
-def test_splash_adapter_matches_dense_in_interpret_mode():
+@pytest.fixture
+def splash_calls(monkeypatch):
+  """Counts what ran: Splash kernels made / called (a spy on the entry `accel` uses) and
+  the pure-JAX fallback, so a test cannot pass on the fallback's identical numbers."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=import-outside-toplevel
+  calls = {"make_splash_mha": 0, "splash_kernel": 0, "blocksparse.attend": 0}
+  make, attend = splash.make_splash_mha, blocksparse.attend
+
+  def spy_make(*args, **kwargs):
+    calls["make_splash_mha"] += 1
+    kernel = make(*args, **kwargs)
+
+    def counted(*a, **kw):
+      calls["splash_kernel"] += 1
+      return kernel(*a, **kw)
+    return counted
+
+  def spy_attend(*args, **kwargs):
+    calls["blocksparse.attend"] += 1
+    return attend(*args, **kwargs)
+
+  monkeypatch.setattr(splash, "make_splash_mha", spy_make)
+  monkeypatch.setattr(blocksparse, "attend", spy_attend)
+  return calls
+
+
+def test_splash_adapter_matches_dense_in_interpret_mode(splash_calls):
   b, length, h, d = 2, 200, 2, 16
   q, k, v, w = _qkv(b, length, h, d)
   band = patterns.window(length, 20)
@@ -38,6 +64,98 @@ def test_splash_adapter_matches_dense_in_interpret_mode():
   assert not np.asarray(os_)[:, 5, 0].any()
   for a, e in zip(gs, gd):
     np.testing.assert_allclose(a, e, atol=5e-6)
+  # Splash ran (traced under vmap: one call per trace), the fallback did not.
+  assert splash_calls["make_splash_mha"] >= 1 and splash_calls["splash_kernel"] >= 1
+  assert splash_calls["blocksparse.attend"] == 0, splash_calls
+
+
+def test_splash_falls_back_only_where_it_does_not_apply(splash_calls):
+  """Dropout and per-example layouts go to the pure-JAX executor (and are counted)."""
+  q, k, v, _ = _qkv(2, 64, 2, 8)
+  mask = patterns.window(64, 5)
+  obj = blocksparse.BlockSparseMask.from_mask(mask, 16, preferred="splash")
+  out = accel.execute(obj, "splash", q, k, v, dropout_rng=jax.random.key(0),
+                      dropout_rate=0.1)
+  assert splash_calls == {"make_splash_mha": 0, "splash_kernel": 0,
+                          "blocksparse.attend": 1}
+  assert out.shape == q.shape
+  per_example = blocksparse.BlockSparseMask.from_mask(
+      np.stack([mask, mask.T & np.tri(64, dtype=bool)])[:, None], 16, preferred="splash")
+  accel.execute(per_example, "splash", q, k, v)
+  assert splash_calls["blocksparse.attend"] == 2 and splash_calls["make_splash_mha"] == 0
+
+
+# ---- the cuDNN adapter's mapping, checked on XLA --------------------------------------
+
+@pytest.fixture
+def cudnn_args(monkeypatch):
+  """`jax.nn.dot_product_attention` as `accel` calls it, recorded and run with
+  implementation='xla', so the window / length mapping is checked on CPU."""
+  seen = []
+  real = jax.nn.dot_product_attention
+
+  def on_xla(*args, implementation=None, **kwargs):
+    seen.append(dict(kwargs, implementation=implementation))
+    return real(*args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", on_xla)
+  return seen
+
+
+@pytest.mark.parametrize("left, right, lengths", [
+    (3, 3, None), (5, 0, None), (0, 4, None), (2, 6, [40, 27]), (7, 1, [13, 40]),
+    (None, None, [40, 22]),     # A full layout: no window, only the lengths.
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cudnn_adapter_window_and_lengths_equal_the_mask(cudnn_args, monkeypatch, left,
+                                                         right, lengths, dtype):
+  length, h, d = 40, 2, 16
+  if dtype == jnp.float32:  # The adapter takes half precision; float32 checks tightly.
+    monkeypatch.setattr(accel, "_cudnn_ok", lambda *_: True)
+  q, k, v, _ = (x.astype(dtype) for x in _qkv(2, length, h, d, seed=3))
+  mask = (np.ones((length, length), bool) if left is None
+          else patterns.window(length, left=left, right=right))
+  obj = blocksparse.BlockSparseMask.from_mask(mask, 8, preferred="cudnn")
+  kv = None if lengths is None else jnp.asarray(
+      np.arange(length)[None] < np.asarray(lengths)[:, None])   # Right-padded.
+  out = accel.cudnn_attention(obj, q, k, v, key_valid=kv, right_padded=True)
+  assert out is not None and len(cudnn_args) == 1
+  call = cudnn_args[0]
+  assert call["implementation"] == "cudnn"
+  assert call["local_window_size"] == (None if left is None else (left, right))
+  if lengths is None:
+    assert call["key_value_seq_lengths"] is None
+  else:
+    np.testing.assert_array_equal(call["key_value_seq_lengths"], lengths)
+  ref = attention.dot_product_attention(q, k, v, mask=jnp.asarray(mask), key_valid=kv)
+  # Rows that no valid key may reach (queries past length + left) are 0 in the
+  # reference; the adapter leaves them to the library (see test below).
+  has_key = np.ones((2, length), bool) if kv is None else np.asarray(
+      (jnp.asarray(mask)[None] & kv[:, None, :]).any(-1))
+  tol = 2e-6 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.asarray(out, np.float32)[has_key],
+                             np.asarray(ref, np.float32)[has_key], atol=tol)
+
+
+@pytest.mark.parametrize("left, right", [
+    (5, 0),
+    pytest.param(3, 3, marks=pytest.mark.xfail(
+        strict=True, raises=ValueError,
+        reason="jax.nn's cuDNN path rejects a right window unless is_causal (JAX 0.10: "
+               "\"cuDNN doesn't support right window\"), but accel.cudnn_attention and "
+               "accel.choose send symmetric bands there")),
+])
+def test_cudnn_adapter_arguments_pass_jax_cudnn_checks(left, right):
+  """The real `jax.nn.dot_product_attention(implementation='cudnn')` validates its
+  arguments before it looks for a GPU: on CPU valid ones get as far as 'cuDNN is not
+  detected' (a RuntimeError), rejected ones raise ValueError."""
+  if accel.platform() == "gpu":
+    pytest.skip("runs the real cuDNN kernel here; the check is for hosts without one")
+  q, k, v, _ = (x.astype(jnp.bfloat16) for x in _qkv(1, 40, 2, 16))
+  obj = blocksparse.BlockSparseMask.from_mask(
+      patterns.window(40, left=left, right=right), 8, preferred="cudnn")
+  with pytest.raises(RuntimeError, match="cuDNN"):
+    accel.cudnn_attention(obj, q, k, v)
 
 
 # ---- the chooser on synthetic inputs -------------------------------------------------
@@ -71,8 +189,7 @@ def test_cpu_kernel_has_its_own_cost_model(monkeypatch):
   lengths: L=1024 ±256 measured 2.2x fwd / 1.9x fwd+bwd with the kernel and 1.0x with
   the pure-JAX executor."""
   monkeypatch.delenv("SPARSE_ATTN_CPU_KERNEL", raising=False)
-  if not cpu_kernel.load()[0]:
-    pytest.skip("CPU kernel unavailable")
+  _require.cpu_kernel()   # Skips; fails under CI=true.
   band = patterns.window(1024, 256)
   assert accel.choose(band, platform_name="cpu")[0].executor == "blocksparse"
   assert accel.choose(band, platform_name="cpu", dtype=jnp.bfloat16)[0].executor == "dense"

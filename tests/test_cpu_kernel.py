@@ -1,13 +1,20 @@
 """The compiled CPU block-sparse kernel: equal to the dense reference and to the pure-JAX
-executor at realistic tile shapes, used only where it applies, and safe to build."""
+executor at realistic tile shapes, used only where it applies, and safe to build and
+load (a private cache whose libraries are loaded only when their SHA-256 matches)."""
 
+import hashlib
 import logging
+import os
+import shutil
+import stat
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _require
 from sparse_attn import attention
 from sparse_attn import blocksparse
 from sparse_attn import cpu_kernel
@@ -17,9 +24,7 @@ from sparse_attn.masks import patterns
 @pytest.fixture
 def kernel(monkeypatch):
   monkeypatch.delenv("SPARSE_ATTN_CPU_KERNEL", raising=False)
-  ok, why = cpu_kernel.load()
-  if not ok:
-    pytest.skip(f"CPU kernel unavailable: {why}")
+  _require.cpu_kernel()   # Skips; fails under CI=true.
 
 
 def _inputs(b, length, h, d, seed=0, dtype=jnp.float32):
@@ -153,13 +158,143 @@ def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog)
 
 
 def test_the_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
-  cxx = cpu_kernel._compiler()
-  if cxx is None:
-    pytest.skip("no C++ compiler")
+  cxx = _require.compiler()
   monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path))
-  lib = cpu_kernel._build(cxx)
+  umask = os.umask(0o002)  # Ubuntu's default: group-writable files unless the code says.
+  try:
+    lib = cpu_kernel._build(cxx)
+  finally:
+    os.umask(umask)
   assert lib.exists() and lib.parent == tmp_path / "cpu_kernel"
+  # This user's alone, and the build's SHA-256 recorded next to it (sha256sum format).
+  assert stat.S_IMODE(lib.parent.stat().st_mode) == 0o700
+  assert not lib.stat().st_mode & 0o022
+  record = lib.with_name(lib.name + ".sha256")
+  assert record.read_text() == f"{cpu_kernel._sha256(lib)}  {lib.name}\n"
   mtime = lib.stat().st_mtime_ns
   assert cpu_kernel._build(cxx) == lib and lib.stat().st_mtime_ns == mtime  # Reused.
   monkeypatch.setattr(cpu_kernel, "_cpu_id", lambda: "another CPU")
   assert cpu_kernel._build(cxx) != lib                                      # Rebuilt.
+
+
+def _outcome(fn):
+  """'fail', 'skip' or None: what calling `fn` does to the calling test."""
+  try:
+    fn()
+  except pytest.fail.Exception as e:
+    return "fail", str(e)
+  except pytest.skip.Exception as e:
+    return "skip", str(e)
+  return None, ""
+
+
+def test_a_missing_kernel_fails_under_ci_and_skips_elsewhere(monkeypatch, request):
+  monkeypatch.setattr(cpu_kernel, "load", lambda: (False, "no C++ compiler was found"))
+  monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+  monkeypatch.setenv("CI", "true")
+  kind, msg = _outcome(_require.cpu_kernel)
+  assert kind == "fail" and "CPU kernel unavailable: no C++ compiler" in msg
+  assert _outcome(_require.compiler)[0] == "fail"
+  # The fixture the kernel tests use.
+  assert _outcome(lambda: request.getfixturevalue("kernel"))[0] == "fail"
+  monkeypatch.setenv("CI", "false")
+  kind, msg = _outcome(_require.cpu_kernel)
+  assert kind == "skip" and "CPU kernel unavailable" in msg
+  monkeypatch.delenv("CI")
+  assert _outcome(_require.compiler)[0] == "skip"
+
+
+# ---- the cache: private, and a library is loaded only if it matches its record --------
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+  """A kernel cache in tmp_path holding a copy of this session's verified build.
+
+  Returns:
+    namespace(cxx, lib, record, compiles: libraries `_compile` built, loaded: SHA-256 of
+    each file `load()` handed to the dynamic loader, which the spy does not load).
+  """
+  cxx = _require.compiler()
+  built = cpu_kernel._build(cxx)   # The session's cache: built once per session.
+  monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path))
+  out = tmp_path / "cpu_kernel"
+  out.mkdir(mode=0o700)
+  for src in (built, built.with_name(built.name + ".sha256")):
+    shutil.copy2(src, out / src.name)
+  ns = types.SimpleNamespace(cxx=cxx, lib=out / built.name,
+                             record=out / (built.name + ".sha256"), compiles=[], loaded=[])
+  compile_ = cpu_kernel._compile
+
+  def counted(*args):
+    ns.compiles.append(args[3])
+    return compile_(*args)
+
+  def spy(path):
+    ns.loaded.append(cpu_kernel._sha256(path))
+    raise OSError("(test spy: not loaded)")   # This process keeps its registered kernel.
+
+  monkeypatch.setattr(cpu_kernel, "_compile", counted)
+  monkeypatch.setattr(cpu_kernel.ctypes.cdll, "LoadLibrary", spy)
+  monkeypatch.setattr(cpu_kernel, "_state", {})
+  return ns
+
+
+def test_a_verified_cached_build_is_loaded_as_is(cache):
+  assert cpu_kernel.load()[0] is False   # The spy refused it, after the checks.
+  assert cache.loaded == [cpu_kernel._sha256(cache.lib)] and not cache.compiles
+
+
+@pytest.mark.parametrize("damage", ["flip_a_byte", "no_record", "other_digest",
+                                    "group_writable_library"])
+def test_a_library_failing_verification_is_rebuilt_not_loaded(cache, damage, caplog):
+  """(~5 s each: a real rebuild.)"""
+  if damage == "flip_a_byte":
+    data = bytearray(cache.lib.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    cache.lib.write_bytes(data)
+  elif damage == "no_record":
+    cache.record.unlink()
+  elif damage == "other_digest":
+    cache.record.write_text(f"{'0' * 64}  {cache.lib.name}\n")
+  else:
+    os.chmod(cache.lib, 0o777)
+  before = cpu_kernel._sha256(cache.lib)
+  with caplog.at_level(logging.WARNING):
+    cpu_kernel.load()
+  assert cache.compiles == [cache.lib], caplog.text                # Rebuilt...
+  rebuilt = cpu_kernel._sha256(cache.lib)
+  assert cache.loaded == [rebuilt]                                   # ...and only it loaded,
+  assert cache.record.read_text().split() == [rebuilt, cache.lib.name]   # recorded.
+  if damage == "flip_a_byte":
+    assert rebuilt != before
+  assert "rebuilt, not loaded" in caplog.text
+  assert {"flip_a_byte": "does not match", "no_record": "no SHA-256 record",
+          "other_digest": "does not match",
+          "group_writable_library": "only this user can write"}[damage] in caplog.text
+
+
+def test_a_cache_others_could_write_is_emptied_and_rebuilt(cache, caplog):
+  """A planted library with a matching record passes a digest check: what protects the
+  cache is that nobody else can write it, so a directory that others could is cleared."""
+  planted = b"\x7fELF planted"
+  cache.lib.write_bytes(planted)
+  cache.record.write_text(f"{hashlib.sha256(planted).hexdigest()}  {cache.lib.name}\n")
+  (cache.lib.parent / "stray.so").write_bytes(planted)
+  os.chmod(cache.lib.parent, 0o777)
+  with caplog.at_level(logging.WARNING):
+    cpu_kernel.load()
+  assert stat.S_IMODE(cache.lib.parent.stat().st_mode) == 0o700
+  assert "writable by group or others" in caplog.text
+  assert cache.compiles == [cache.lib] and cache.lib.read_bytes() != planted
+  assert cache.loaded == [cpu_kernel._sha256(cache.lib)]
+  assert not (cache.lib.parent / "stray.so").exists()
+
+
+def test_a_cache_of_another_user_is_refused(cache, monkeypatch):
+  monkeypatch.setattr(cpu_kernel, "_uid", lambda: os.geteuid() + 1)
+  with pytest.raises(RuntimeError, match="belongs to uid"):
+    cpu_kernel._build(cache.cxx)
+  ok, why = cpu_kernel.load()
+  assert not ok and "belongs to uid" in why
+  assert not cache.loaded and not cache.compiles
+  assert cache.lib.exists()   # Not ours to delete.
