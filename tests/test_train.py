@@ -302,6 +302,12 @@ def test_eval_py_reproduces_results_json(observed_run):
 # ------------------------------------------------- resume: kill -9, SIGTERM, corruption
 
 RESUME = {"train.num_steps": 40, "checkpoint.every_steps": 4, "checkpoint.async_save": True}
+# The same with a fixed window mask and a learned DAM structure (its logits and optimizer
+# state must resume bit for bit too).
+RESUME_DAM = dict(RESUME, **{"masks.source": "pattern", "masks.pattern": "window",
+                             "masks.kwargs": {"k": 4},
+                             "structure": {"method": "dam_s", "per_head": True}})
+CONFIGS = {"dense": RESUME, "dam": RESUME_DAM}
 
 
 def _finished_steps(workdir) -> list[int]:
@@ -309,9 +315,9 @@ def _finished_steps(workdir) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
-def _start_and_signal(workdir, sig) -> tuple[int, str]:
+def _start_and_signal(workdir, sig, config=RESUME) -> tuple[int, str]:
   """Starts train.py, sends `sig` once a first checkpoint is on disk; (exit code, output)."""
-  p = subprocess.Popen(_tiny.train_cmd(workdir, RESUME), cwd=_tiny.REPO, env=_tiny.env(),
+  p = subprocess.Popen(_tiny.train_cmd(workdir, config), cwd=_tiny.REPO, env=_tiny.env(),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.monotonic() + 900
   try:
@@ -354,32 +360,49 @@ def _assert_same_run(workdir, reference, after_step: int):
     assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-  _tiny.run(_tiny.train_cmd(workdir, RESUME))
-  return workdir
+_REFERENCES: dict = {}
+
+
+@pytest.fixture
+def reference(tmp_path_factory, request):
+  """(name, config, uninterrupted workdir) of the config named by the test's parameter;
+  each uninterrupted run is made once per session."""
+  name = getattr(request, "param", "dense")
+  if name not in _REFERENCES:
+    workdir = tmp_path_factory.mktemp(f"uninterrupted_{name}") / "run"
+    _tiny.run(_tiny.train_cmd(workdir, CONFIGS[name]))
+    _REFERENCES[name] = workdir
+  return name, CONFIGS[name], _REFERENCES[name]
+
+
+@pytest.fixture
+def uninterrupted(reference):
+  return reference[2]
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_ends_like_an_uninterrupted_run(tmp_path, uninterrupted):
-  """(slow: three tiny runs of 40 steps, ~40-150 s.)"""
+@pytest.mark.parametrize("reference", ["dense", "dam"], indirect=True)
+def test_kill_9_then_rerun_ends_like_an_uninterrupted_run(tmp_path, reference):
+  """(slow: three tiny runs of 40 steps, ~40-150 s.) Dense, and with a mask and DAM."""
+  _, config, uninterrupted = reference
   workdir = tmp_path / "run"
-  code, out = _start_and_signal(workdir, signal.SIGKILL)
+  code, out = _start_and_signal(workdir, signal.SIGKILL, config)
   assert code == -signal.SIGKILL, out
   assert not (workdir / "results.json").exists()
   resumed_from = max(_finished_steps(workdir))
   assert 0 < resumed_from < RESUME["train.num_steps"]
-  _tiny.run(_tiny.train_cmd(workdir, RESUME))  # The same command.
+  _tiny.run(_tiny.train_cmd(workdir, config))  # The same command.
   _assert_same_run(workdir, uninterrupted, resumed_from)
   assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
 
 
 @pytest.mark.slow
-def test_sigterm_saves_exits_143_and_resumes(tmp_path, uninterrupted):
+@pytest.mark.parametrize("reference", ["dense", "dam"], indirect=True)
+def test_sigterm_saves_exits_143_and_resumes(tmp_path, reference):
   """(slow: two tiny runs of 40 steps plus the shared uninterrupted one.)"""
+  _, config, uninterrupted = reference
   workdir = tmp_path / "run"
-  code, out = _start_and_signal(workdir, signal.SIGTERM)
+  code, out = _start_and_signal(workdir, signal.SIGTERM, config)
   assert code == 143, out
   assert "SIGTERM received" in out
   results = json.loads((workdir / "results.json").read_text())
@@ -388,7 +411,7 @@ def test_sigterm_saves_exits_143_and_resumes(tmp_path, uninterrupted):
   assert 0 < reached < RESUME["train.num_steps"]
   assert max(_finished_steps(workdir)) == reached  # Saved at the step reached.
   assert int(_final_state(workdir, reached)["step"]) == reached
-  _tiny.run(_tiny.train_cmd(workdir, RESUME))
+  _tiny.run(_tiny.train_cmd(workdir, config))
   _assert_same_run(workdir, uninterrupted, reached)
 
 
