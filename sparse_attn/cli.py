@@ -6,9 +6,10 @@ user can fix prints as one line (``error: ...``) and exits 2; `--traceback` (or
 traceback and exit 1.
 
 User errors are: `errors.UserError` (and the library errors derived from it), and a
-`ValueError` / `KeyError` / `FileNotFoundError` raised by this library's own code or an
-experiment config file (a deliberate check with a message, not a failure inside JAX).
-A bad ``--config.<key>=value`` override is reported with the valid keys near it.
+`ValueError` / `KeyError` / `FileNotFoundError` raised by this library's own code (a
+deliberate check with a message, not a failure inside JAX). An error while reading the
+config (the config file's `get_config`, or a bad ``--config.<key>=value`` override, which
+is reported with the valid keys near it) is one message too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sparse_attn.errors import UserError
 
 flags.DEFINE_boolean("traceback", False, "Show the full Python traceback of user errors.")
 
-_ROOTS = (str(pathlib.Path(__file__).parent), str(pathlib.Path.cwd() / "configs"))
+_PACKAGE = str(pathlib.Path(__file__).parent)
 _OWN_TYPES = (ValueError, KeyError, FileNotFoundError)
 
 
@@ -37,8 +38,7 @@ def is_user_error(exc: BaseException) -> bool:
   if not isinstance(exc, _OWN_TYPES) or exc.__traceback__ is None:
     return False
   frame = traceback.extract_tb(exc.__traceback__)[-1]  # Where it was raised.
-  path = str(pathlib.Path(frame.filename).absolute())
-  return any(path.startswith(root) for root in _ROOTS) or "/configs/" in path
+  return str(pathlib.Path(frame.filename).absolute()).startswith(_PACKAGE)
 
 
 def _message(exc: BaseException) -> str:

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attn.masks import layout as layout_lib
+from sparse_attn.pkgindex import sha256_of
 
 SOURCE = pathlib.Path(__file__).with_name("blocksparse_cpu.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -83,14 +84,6 @@ def _cpu_id() -> str:
 def _uid() -> int:
   """This process's effective user id (a function, so that tests can pose as another)."""
   return os.geteuid()
-
-
-def _sha256(path: os.PathLike) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def _private_dir(path: pathlib.Path) -> pathlib.Path:
@@ -164,7 +157,7 @@ def _verify(lib: pathlib.Path, record: pathlib.Path) -> str:
     expected = ""
   if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
     return "has an unreadable SHA-256 record"
-  actual = _sha256(lib)
+  actual = sha256_of(lib)
   if actual != expected:
     return (f"does not match its SHA-256 record (recorded {expected[:16]}..., found "
             f"{actual[:16]}...): it changed after it was built")
@@ -192,7 +185,7 @@ def _compile(cxx: str, source: str, out_dir: pathlib.Path, lib: pathlib.Path,
     # The linker's mode follows the umask (0o775 under 0o002): only this user may write.
     os.chmod(tmp, 0o700)
     with open(os.open(rec, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-      f.write(f"{_sha256(tmp)}  {lib.name}\n")
+      f.write(f"{sha256_of(tmp)}  {lib.name}\n")
     os.replace(tmp, lib)
     os.replace(rec, record)
   finally:

@@ -62,17 +62,12 @@ class NonFiniteLossError(UserError, FloatingPointError):
 def check_finite_metrics(metrics: dict[str, dict[str, float]], where: str) -> None:
   """Raises NonFiniteLossError when an evaluation's loss or metric is NaN / infinite.
 
-  A correlation (Pearson, Spearman, Matthews) of constant predictions is undefined, not
-  divergent: with a finite loss it only logs a warning.
+  (Correlations of constant predictions are reported as 0.0 by `data.metrics`, so any
+  non-finite value here means NaN / infinite weights or inputs.)
   """
   for split, m in metrics.items():
-    loss = m.get("loss", 0.0)
     bad = sorted(k for k, v in m.items() if not math.isfinite(float(v)))
     if not bad:
-      continue
-    undefined = {"pearson", "spearman", "matthews_corrcoef", "mcc"}
-    if math.isfinite(float(loss)) and set(bad) <= undefined:
-      logging.warning("%s: %s on %s is undefined (constant predictions?).", where, bad, split)
       continue
     raise NonFiniteLossError(
         f"{where}: non-finite evaluation metrics on {split}: "

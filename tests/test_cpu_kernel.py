@@ -170,7 +170,7 @@ def test_the_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
   assert stat.S_IMODE(lib.parent.stat().st_mode) == 0o700
   assert not lib.stat().st_mode & 0o022
   record = lib.with_name(lib.name + ".sha256")
-  assert record.read_text() == f"{cpu_kernel._sha256(lib)}  {lib.name}\n"
+  assert record.read_text() == f"{cpu_kernel.sha256_of(lib)}  {lib.name}\n"
   mtime = lib.stat().st_mtime_ns
   assert cpu_kernel._build(cxx) == lib and lib.stat().st_mtime_ns == mtime  # Reused.
   monkeypatch.setattr(cpu_kernel, "_cpu_id", lambda: "another CPU")
@@ -230,7 +230,7 @@ def cache(monkeypatch, tmp_path):
     return compile_(*args)
 
   def spy(path):
-    ns.loaded.append(cpu_kernel._sha256(path))
+    ns.loaded.append(cpu_kernel.sha256_of(path))
     raise OSError("(test spy: not loaded)")   # This process keeps its registered kernel.
 
   monkeypatch.setattr(cpu_kernel, "_compile", counted)
@@ -241,7 +241,7 @@ def cache(monkeypatch, tmp_path):
 
 def test_a_verified_cached_build_is_loaded_as_is(cache):
   assert cpu_kernel.load()[0] is False   # The spy refused it, after the checks.
-  assert cache.loaded == [cpu_kernel._sha256(cache.lib)] and not cache.compiles
+  assert cache.loaded == [cpu_kernel.sha256_of(cache.lib)] and not cache.compiles
 
 
 @pytest.mark.parametrize("damage", ["flip_a_byte", "no_record", "other_digest",
@@ -258,11 +258,11 @@ def test_a_library_failing_verification_is_rebuilt_not_loaded(cache, damage, cap
     cache.record.write_text(f"{'0' * 64}  {cache.lib.name}\n")
   else:
     os.chmod(cache.lib, 0o777)
-  before = cpu_kernel._sha256(cache.lib)
+  before = cpu_kernel.sha256_of(cache.lib)
   with caplog.at_level(logging.WARNING):
     cpu_kernel.load()
   assert cache.compiles == [cache.lib], caplog.text                # Rebuilt...
-  rebuilt = cpu_kernel._sha256(cache.lib)
+  rebuilt = cpu_kernel.sha256_of(cache.lib)
   assert cache.loaded == [rebuilt]                                   # ...and only it loaded,
   assert cache.record.read_text().split() == [rebuilt, cache.lib.name]   # recorded.
   if damage == "flip_a_byte":
@@ -286,7 +286,7 @@ def test_a_cache_others_could_write_is_emptied_and_rebuilt(cache, caplog):
   assert stat.S_IMODE(cache.lib.parent.stat().st_mode) == 0o700
   assert "writable by group or others" in caplog.text
   assert cache.compiles == [cache.lib] and cache.lib.read_bytes() != planted
-  assert cache.loaded == [cpu_kernel._sha256(cache.lib)]
+  assert cache.loaded == [cpu_kernel.sha256_of(cache.lib)]
   assert not (cache.lib.parent / "stray.so").exists()
 
 

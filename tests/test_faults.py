@@ -199,15 +199,14 @@ def test_error_after_an_async_save_started_keeps_that_checkpoint(tmp_path):
   step) leaves the process only once the save is on disk."""
   workdir = tmp_path / "run"
   code = textwrap.dedent(f"""
-      import sys, time
+      import sys
       sys.path.insert(0, {str(_tiny.TESTS)!r})
       import _tiny
-      from sparse_attn import checkpoint, observe, train
+      from sparse_attn import observe, train
       def boom(self, step, loss):
         if step == 3:  # Right after step 2's save started: it is still in flight.
           raise RuntimeError("boom at step 3")
       observe.MetricWriter.progress = boom
-      import orbax.checkpoint as ocp
       config = _tiny.tiny_config({{"train.num_steps": 6, "checkpoint.every_steps": 2,
                                    "checkpoint.async_save": True,
                                    "train.compilation_cache": ""}})
@@ -301,18 +300,20 @@ def test_train_py_unknown_override_key_names_close_keys(tmp_path):
 
 
 def test_user_errors_are_told_from_bugs():
-  try:
+  with pytest.raises(errors.UserError) as e:
     config_lib.validate(_tiny.tiny_config({"train.num_steps": -1}))
-  except errors.UserError as e:
-    assert cli.is_user_error(e)
-  try:
+  assert cli.is_user_error(e.value)
+  with pytest.raises((TypeError, ValueError)) as e:
     jax.numpy.ones((2, 3)) @ jax.numpy.ones((2, 3))
-  except (TypeError, ValueError) as e:
-    assert not cli.is_user_error(e)  # Raised inside JAX: keeps its traceback.
-  try:
+  assert not cli.is_user_error(e.value)  # Raised inside JAX: keeps its traceback.
+  with pytest.raises(KeyError) as e:
     {}["x"]
-  except KeyError as e:
-    assert not cli.is_user_error(e)  # Raised here, in a test: not the library's check.
+  assert not cli.is_user_error(e.value)  # Raised here, in a test: not the library's check.
+  opt = config_lib.base_config().optimizer
+  opt.schedule = "nope"
+  with pytest.raises(ValueError, match="Unknown schedule") as e:  # The library's own check.
+    train.make_optimizer(opt, 10)
+  assert cli.is_user_error(e.value)
 
 
 # ----------------------------------------------------------- 2 devices, mask and DAM
