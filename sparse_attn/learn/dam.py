@@ -52,45 +52,66 @@ Conventions of this module:
     softmax), not dense attention as the code's -10000 bias would give.
 
 Shape legend: S mask instances, H heads (1 when not per head), N sequence length n,
-P logits per head, U = n (or n_blocks) rows of DAM_u logits, L layers.
+P logits per head, U = n (or n_blocks) rows of DAM_u logits, L layers. The index maps,
+expansion, densities and top-k live in `learn.dam_masks`; the relaxation, schedules and
+config checks are `learn.common`'s (re-exported here under their old names).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sparse_attn import learn
+from sparse_attn.learn import base as learn
+from sparse_attn.learn import common
+from sparse_attn.learn import dam_masks
+from sparse_attn.learn.dam_masks import binarize, expand, expected_density, logit_weights
+from sparse_attn.learn.dam_masks import num_units, toeplitz_index, unstructured_index
 from sparse_attn.masks import stats
 
 Array = jax.Array
+_LABEL = "DAM"
 
-_CHOICES = {
-    "method": ("dam_u", "dam_s"),
-    "share": ("all_layers", "per_layer"),
-    "relaxation": ("hard", "soft"),
-    "anneal": ("exponential", "linear"),
-    "penalty": ("l1_sum", "density"),
-    "target_mode": ("lagrangian", "abs"),
-    "eval_rule": ("threshold", "topk"),
-    "density_over": ("matrix", "data"),
+# Old names of the shared parts (same functions, same random draws).
+gumbel_sigmoid = common.gumbel_sigmoid
+temperature_at = common.temperature_at
+expand_toeplitz = dam_masks.expand_toeplitz
+expand_unstructured = dam_masks.expand_unstructured
+
+_FIELDS = {
+    "method": common.choice("dam_u", "dam_s"),
+    "share": common.choice("all_layers", "per_layer"),
+    "relaxation": common.choice("hard", "soft"),
+    "anneal": common.choice("exponential", "linear"),
+    "penalty": common.choice("l1_sum", "density"),
+    "target_mode": common.choice("lagrangian", "abs"),
+    "eval_rule": common.choice("threshold", "topk"),
+    "density_over": common.DENSITY_OVER,
+    **{key: common.flag() for key in ("per_head", "symmetric", "asymmetric",
+                                      "stochastic_eval", "keep_diagonal")},
+    "temperature": common.POSITIVE,
+    "temperature_final": common.number(0.0, low_open=True, none_ok=True),
+    "lam": common.number(0.0, finite=True),
+    "init_logit": common.number(finite=True),
+    "init_std": common.number(0.0),
+    **{key: common.integer(0) for key in ("anneal_steps", "block_size",
+                                          "target_warmup_steps")},
+    "target_density": common.TARGET_DENSITY,
 }
-_BOOLS = ("per_head", "symmetric", "asymmetric", "stochastic_eval", "keep_diagonal")
 
 
-def default_config() -> ml_collections.ConfigDict:
+def default_config(method: str = "dam_s") -> ml_collections.ConfigDict:
   """The DAM defaults (the only place they live): the official code's search settings,
-  with deterministic evaluation."""
+  with deterministic evaluation. `method`: "dam_s" or "dam_u"."""
   return ml_collections.ConfigDict(dict(
-      method="dam_s",          # "dam_u": a logit per (i, j); "dam_s": per offset i - j.
+      method=method,           # "dam_u": a logit per (i, j); "dam_s": per offset i - j.
       share="all_layers",      # One mask for all DAM layers (code) | "per_layer".
       per_head=True,           # A mask per head (code) or one for all heads.
       layers=None,             # None = every layer with attention; or e.g. [6, 7, ...].
@@ -128,8 +149,40 @@ def official() -> ml_collections.ConfigDict:
 PRESETS = {"dam_s_official": official}
 
 
-def _bad(msg: str):
-  raise ValueError(f"DAM config: {msg}")
+def _rules(bert_config: Any, seq_len: int | None) -> list[common.Rule]:
+  """DAM's cross-field checks (after `_FIELDS`), in order."""
+
+  def constant_by_default(c):
+    if c["temperature_final"] is None:
+      c["temperature_final"] = c["temperature"]
+
+  def topk(c):
+    if c["eval_rule"] == "topk" and c["target_density"] is None:
+      return ("structure.eval_rule='topk' needs target_density (the density to keep); set "
+              "structure.target_density or use eval_rule='threshold'.")
+
+  def tying(c):
+    if c["symmetric"] and c["method"] != "dam_u":
+      return ("structure.symmetric ties alpha_ij = alpha_ji for dam_u; dam_s offsets "
+              "|i - j| are already symmetric (use asymmetric=True for signed offsets).")
+    if c["asymmetric"] and c["method"] != "dam_s":
+      return ("structure.asymmetric (signed offsets) applies to dam_s only; dam_u is "
+              "unstructured.")
+
+  def blocks(c):
+    if seq_len is None:
+      return None
+    if not common.integer(1).accepts(seq_len):
+      return f"seq_len must be a positive integer, got {seq_len!r}."
+    if c["block_size"] > seq_len:
+      return (f"structure.block_size {c['block_size']} exceeds seq_len {seq_len}; a "
+              "partial last block is allowed but not a block larger than the sequence.")
+
+  def layers(c):
+    if c["layers"] is not None:
+      c["layers"] = list(common.select_layers(c["layers"], bert_config, _LABEL))
+
+  return [constant_by_default, common.anneal_rule, topk, tying, blocks, layers]
 
 
 def validate_config(structure_config: Any, bert_config: Any = None,
@@ -142,196 +195,11 @@ def validate_config(structure_config: Any, bert_config: Any = None,
     seq_len: optional maximum sequence length n (block_size is checked against it).
 
   Returns:
-    The complete, checked ConfigDict.
+    The complete, checked ConfigDict (temperature_final filled in; `layers` None or a list).
   """
-  defaults = default_config().to_dict()
-  given = dict(structure_config.items()) if structure_config is not None else {}
-  for key in given:
-    if key not in defaults:
-      close = difflib.get_close_matches(key, list(defaults), n=3)
-      hint = f" Did you mean {close}?" if close else ""
-      _bad(f"unknown key {key!r}.{hint} Valid keys: {sorted(defaults)}.")
-  c = {**defaults, **given}
-  if c["temperature_final"] is None:
-    c["temperature_final"] = c["temperature"]
-  for key, choices in _CHOICES.items():
-    if c[key] not in choices:
-      _bad(f"{key}={c[key]!r} is not one of {list(choices)}.")
-  for key in _BOOLS:
-    if not isinstance(c[key], (bool, np.bool_)):
-      _bad(f"{key} must be True or False, got {c[key]!r}.")
-  for key in ("temperature", "temperature_final"):
-    if not c[key] > 0:
-      _bad(f"{key} must be > 0, got {c[key]!r}.")
-  if not (np.isfinite(c["lam"]) and c["lam"] >= 0):
-    _bad(f"lam must be a finite number >= 0, got {c['lam']!r}.")
-  if not c["init_std"] >= 0:
-    _bad(f"init_std must be >= 0, got {c['init_std']!r}.")
-  for key in ("anneal_steps", "block_size", "target_warmup_steps"):
-    if int(c[key]) != c[key] or c[key] < 0:
-      _bad(f"{key} must be an integer >= 0, got {c[key]!r}.")
-  if c["anneal_steps"] == 0 and c["temperature_final"] != c["temperature"]:
-    _bad("temperature_final differs from temperature but anneal_steps is 0; set "
-         "anneal_steps > 0 or temperature_final = temperature.")
-  t = c["target_density"]
-  if t is not None and not 0 < t <= 1:
-    _bad(f"target_density must be None or in (0, 1], got {t!r}.")
-  if c["eval_rule"] == "topk" and t is None:
-    _bad("eval_rule='topk' needs target_density (the density to keep).")
-  if c["symmetric"] and c["method"] != "dam_u":
-    _bad("symmetric ties alpha_ij = alpha_ji for dam_u; dam_s offsets |i - j| are "
-         "already symmetric (use asymmetric=True for signed offsets).")
-  if c["asymmetric"] and c["method"] != "dam_s":
-    _bad("asymmetric (signed offsets) applies to dam_s only; dam_u is unstructured.")
-  if seq_len is not None:
-    if int(seq_len) != seq_len or seq_len < 1:
-      _bad(f"seq_len must be a positive integer, got {seq_len!r}.")
-    if c["block_size"] > seq_len:
-      _bad(f"block_size {c['block_size']} exceeds seq_len {seq_len}; a partial last "
-           "block is allowed but not a block larger than the sequence.")
-  if c["layers"] is not None:
-    layers = list(c["layers"])
-    if not layers or len(set(layers)) != len(layers):
-      _bad(f"layers must be None or a non-empty list of distinct indices, got {layers}.")
-    if bert_config is not None:
-      nl = bert_config.num_hidden_layers
-      bad = [i for i in layers if int(i) != i or not 0 <= i < nl]
-      if bad:
-        _bad(f"layers {bad} are outside [0, {nl}) (the model has {nl} layers).")
-      empty = [i for i in layers if bert_config.layer_heads(int(i)) == 0]
-      if empty:
-        _bad(f"layers {empty} have no attention sublayer (heads_per_layer = 0).")
-    c["layers"] = [int(i) for i in layers]
+  c = common.check_section(structure_config, default_config().to_dict(), _FIELDS,
+                           label=_LABEL, rules=_rules(bert_config, seq_len))
   return ml_collections.ConfigDict(c)
-
-
-# ---------------------------------------------------------------- index maps / expansion
-
-def _block_ids(n: int, block_size: int) -> np.ndarray:
-  """Block index of each position (the last block may be partial)."""
-  return np.arange(n) // block_size if block_size else np.arange(n)
-
-
-def num_units(n: int, block_size: int = 0) -> int:
-  """Positions (block_size 0) or blocks ceil(n / b) along one side."""
-  return -(-n // block_size) if block_size else n
-
-
-def toeplitz_index(n: int, asymmetric: bool = False, block_size: int = 0) -> np.ndarray:
-  """DAM_s index map: which offset logit each (i, j) uses.
-
-  Args:
-    n: sequence length.
-    asymmetric: signed offsets (i - j + U - 1, P = 2U - 1) instead of |i - j| (P = U).
-    block_size: 0, or b: offsets between block indices i // b and j // b.
-
-  Returns:
-    index_NxN int32 in [0, P), U = num_units(n, block_size).
-  """
-  u = num_units(n, block_size)
-  b = _block_ids(n, block_size)
-  diff = b[:, None] - b[None, :]
-  return (diff + u - 1 if asymmetric else np.abs(diff)).astype(np.int32)
-
-
-def unstructured_index(n: int, symmetric: bool = False, block_size: int = 0) -> np.ndarray:
-  """DAM_u index map into logits_UxU flattened (row-major).
-
-  Symmetric tying reads alpha[min(i, j), max(i, j)], i.e. the code's
-  triu(alpha) + triu(alpha, 1)^T; the lower triangle of the logits is then unused.
-
-  Returns:
-    index_NxN int32 in [0, U * U).
-  """
-  u = num_units(n, block_size)
-  b = _block_ids(n, block_size)
-  r, c = np.meshgrid(b, b, indexing="ij")
-  if symmetric:
-    r, c = np.minimum(r, c), np.maximum(r, c)
-  return (r * u + c).astype(np.int32)
-
-
-def expand(values_HxP: Array, index_NxN: np.ndarray) -> Array:
-  """Gathers per-logit values into a mask: out[h, i, j] = values[h, index[i, j]].
-
-  Returns:
-    [H, N, N], same dtype as `values_HxP` (differentiable; the gradient sums over the
-    positions sharing a logit).
-  """
-  return jnp.take(values_HxP, jnp.asarray(index_NxN), axis=1)
-
-
-def expand_toeplitz(m_HxP: Array, n: int, asymmetric: bool = False,
-                    block_size: int = 0) -> Array:
-  """DAM_s: M[h, i, j] = m[h, |i - j|] (or m[h, i - j + n - 1]); on blocks with b > 0."""
-  return expand(m_HxP, toeplitz_index(n, asymmetric, block_size))
-
-
-def expand_unstructured(a_HxUxU: Array, n: int, symmetric: bool = False,
-                        block_size: int = 0) -> Array:
-  """DAM_u: M[h, i, j] = a[h, i, j] (blocks: a[h, i // b, j // b]; optionally tied)."""
-  a_HxUxU = jnp.asarray(a_HxUxU)
-  u = num_units(n, block_size)
-  if a_HxUxU.shape[-2:] != (u, u):
-    raise ValueError(f"DAM_u logits must be [H, {u}, {u}] for n={n}, block_size="
-                     f"{block_size}; got {a_HxUxU.shape}.")
-  return expand(a_HxUxU.reshape(a_HxUxU.shape[0], u * u),
-                unstructured_index(n, symmetric, block_size))
-
-
-def logit_weights(index_NxN: np.ndarray, num_logits: int,
-                  eligible_NxN: np.ndarray | None = None) -> np.ndarray:
-  """Number of (eligible) mask entries each logit controls, w_P (float32).
-
-  For |i - j| offsets at element level this is c_0 = n, c_d = 2 (n - d).
-  """
-  e = np.ones(index_NxN.shape) if eligible_NxN is None else eligible_NxN
-  return np.bincount(index_NxN.ravel(), weights=np.asarray(e, np.float64).ravel(),
-                     minlength=num_logits).astype(np.float32)
-
-
-# ---------------------------------------------------------------- relaxation
-
-def gumbel_sigmoid(logits: Array, rng: Array, temperature: Array | float,
-                   hard: bool) -> Array:
-  """A Gumbel-sigmoid (binary Concrete) sample per logit.
-
-  soft = sigmoid((alpha + g) / tau), g ~ Logistic(0, 1). Hard: forward exactly
-  1[alpha + g > 0] in {0, 1}, backward the gradient of `soft` (straight-through). For any
-  tau, P(hard = 1) = sigmoid(alpha).
-
-  Args:
-    logits: alpha, any shape.
-    rng: PRNG key.
-    temperature: tau > 0 (may be traced).
-    hard: straight-through binary sample, else the soft sample.
-
-  Returns:
-    Float32 array of the logits' shape, in [0, 1].
-  """
-  logits = jnp.asarray(logits, jnp.float32)
-  z = logits + jax.random.logistic(rng, logits.shape, jnp.float32)
-  soft = jax.nn.sigmoid(z / temperature)
-  if not hard:
-    return soft
-  # soft - sg(soft) is exactly 0 in the forward pass, so the value is exactly {0, 1}.
-  return (z > 0).astype(jnp.float32) + (soft - jax.lax.stop_gradient(soft))
-
-
-def temperature_at(step: Array | int, temperature: float, temperature_final: float,
-                   anneal_steps: int, anneal: str = "exponential") -> Array:
-  """Temperature at `step` (jit-safe): constant, or annealed over `anneal_steps`.
-
-  exponential: tau0 * (tau1 / tau0) ** r; linear: tau0 + (tau1 - tau0) * r, with
-  r = clip(step / anneal_steps, 0, 1); tau1 is kept after `anneal_steps`.
-  """
-  t0, t1 = float(temperature), float(temperature_final)
-  if anneal_steps == 0 or t0 == t1:
-    return jnp.asarray(t0, jnp.float32)
-  r = jnp.clip(jnp.asarray(step, jnp.float32) / anneal_steps, 0.0, 1.0)
-  if anneal == "exponential":
-    return t0 * (t1 / t0) ** r
-  return t0 + (t1 - t0) * r
 
 
 def _sigmoid(x: float) -> float:
@@ -340,60 +208,7 @@ def _sigmoid(x: float) -> float:
 
 def target_at(step: Array | int, target: float, start: float, warmup_steps: int) -> Array:
   """Density target at `step` (jit-safe): linear from `start` to `target` over warm-up."""
-  if warmup_steps == 0:
-    return jnp.asarray(target, jnp.float32)
-  r = jnp.clip(jnp.asarray(step, jnp.float32) / warmup_steps, 0.0, 1.0)
-  return start + (target - start) * r
-
-
-# ---------------------------------------------------------------- densities / binarising
-
-def expected_density(logits_HxP: Array, weights_P: Array | None = None,
-                     total: float | None = None) -> Array:
-  """Expected element density sum_p w_p sigmoid(alpha_p) / total (P(keep) of hard samples).
-
-  Args:
-    logits_HxP: logits.
-    weights_P: entries per logit (None = 1 each).
-    total: number of mask entries (default H * sum(w)).
-  """
-  p = jax.nn.sigmoid(jnp.asarray(logits_HxP, jnp.float32))
-  w = jnp.ones(p.shape[-1]) if weights_P is None else jnp.asarray(weights_P)
-  total = p.shape[0] * jnp.sum(w) if total is None else total
-  return jnp.sum(p * w) / total
-
-
-@functools.partial(jax.jit, static_argnames=("rule",))
-def binarize(logits_HxP: Array, rule: str = "threshold",
-             target_density: float | None = None, weights_P: Array | None = None,
-             total: float | None = None) -> Array:
-  """Deterministic keep decision per logit.
-
-  Args:
-    logits_HxP: logits (all heads of one mask instance).
-    rule: "threshold" (sigmoid(alpha) > 0.5) or "topk": keep the highest logits (over all
-      heads) whose cumulated entry count w is closest to target_density * total.
-    target_density: for "topk".
-    weights_P: entries per logit (None = 1 each).
-    total: entries of the instance (default H * sum(w)).
-
-  Returns:
-    Bool [H, P].
-  """
-  a = jnp.asarray(logits_HxP, jnp.float32)
-  if rule == "threshold":
-    return a > 0
-  if rule != "topk" or target_density is None:
-    raise ValueError(f"binarize: rule {rule!r} must be 'threshold', or 'topk' with a "
-                     "target_density.")
-  w = jnp.ones(a.shape[-1]) if weights_P is None else jnp.asarray(weights_P, jnp.float32)
-  w_all = jnp.broadcast_to(w, a.shape).ravel()
-  total = jnp.sum(w_all) if total is None else total
-  order = jnp.argsort(-a.ravel(), stable=True)
-  cum = jnp.concatenate([jnp.zeros(1), jnp.cumsum(w_all[order])])  # cum[k]: top k kept.
-  k = jnp.argmin(jnp.abs(cum - target_density * total))
-  rank = jnp.zeros(a.size, jnp.int32).at[order].set(jnp.arange(a.size, dtype=jnp.int32))
-  return (rank < k).reshape(a.shape)
+  return common.linear_ramp(step, start, target, warmup_steps)
 
 
 # ---------------------------------------------------------------- the Structure
@@ -413,11 +228,7 @@ class _Instance:
 
 
 def _instances(c, bert_config, n: int, lengths: Any) -> list[_Instance]:
-  nl = bert_config.num_hidden_layers
-  layers = c.layers if c.layers is not None else [
-      i for i in range(nl) if bert_config.layer_heads(i) > 0]
-  if not layers:
-    _bad("the model has no layer with attention to put a DAM mask on.")
+  layers = common.select_layers(c.layers, bert_config, _LABEL)
   b, u = c.block_size, num_units(n, c.block_size)
   if c.method == "dam_s":
     index = toeplitz_index(n, c.asymmetric, b)
@@ -429,20 +240,14 @@ def _instances(c, bert_config, n: int, lengths: Any) -> list[_Instance]:
   if not c.keep_diagonal:
     np.fill_diagonal(eligible, 0.0)
   weights = logit_weights(index, int(np.prod(shape)), eligible)
-  if c.density_over == "data":
-    if lengths is None:
-      _bad("density_over='data' needs the training data's example lengths: build with "
-           "learn.build(..., lengths=dataset.lengths) (the trainer does), or use "
-           "density_over='matrix'.")
-    pairs_NxN = stats.pair_weights(lengths, n)
-  else:
-    pairs_NxN = np.ones((n, n))
+  pairs_NxN = common.data_pair_weights(c.density_over, lengths, n, _LABEL)
+  pairs_NxN = np.ones((n, n)) if pairs_NxN is None else pairs_NxN
   pair_w = logit_weights(index, int(np.prod(shape)), eligible * pairs_NxN)
   heads = {i: bert_config.layer_heads(i) if c.per_head else 1 for i in layers}
   if c.share == "all_layers":
     if len(set(heads.values())) > 1:
-      _bad(f"a mask shared by all layers needs equal head counts, got {heads}; use "
-           "share='per_layer' or per_head=False.")
+      common.fail(_LABEL, f"a mask shared by all layers needs equal head counts, got "
+                          f"{heads}; use structure.share='per_layer' or per_head=False.")
     groups = [("shared", tuple(layers))]
   else:
     groups = [(f"layer_{i}", (i,)) for i in layers]
@@ -455,7 +260,8 @@ def _make(structure_config, bert_config, seq_len: int, method: str,
           lengths: Any = None) -> learn.Structure:
   c = validate_config(structure_config, bert_config, seq_len)
   if c.method != method:
-    _bad(f"method {c.method!r} was built by the {method!r} factory.")
+    common.fail(_LABEL, f"structure.method {c.method!r} was built by the {method!r} "
+                        "factory; call the factory of that method (or learn.build).")
   n, nl = int(seq_len), bert_config.num_hidden_layers
   insts = _instances(c, bert_config, n, lengths)
   hard = c.relaxation == "hard"
@@ -561,7 +367,7 @@ def _make(structure_config, bert_config, seq_len: int, method: str,
   return learn.Structure(name=method, init=init, sample=sample, freeze=freeze)
 
 
-@learn.register("dam_u")
+@learn.register("dam_u", default_config=functools.partial(default_config, "dam_u"))
 def dam_u(structure_config, bert_config, seq_len: int, lengths: Any = None) -> learn.Structure:
   """DAM_u: a logit per attention position (or b x b block). See `default_config`.
 
@@ -569,7 +375,7 @@ def dam_u(structure_config, bert_config, seq_len: int, lengths: Any = None) -> l
   return _make(structure_config, bert_config, seq_len, "dam_u", lengths)
 
 
-@learn.register("dam_s")
+@learn.register("dam_s", default_config=functools.partial(default_config, "dam_s"))
 def dam_s(structure_config, bert_config, seq_len: int, lengths: Any = None) -> learn.Structure:
   """DAM_s: a logit per diagonal offset (Toeplitz mask). See `default_config`.
 

@@ -1,7 +1,7 @@
 """Self-pruning of attention sublayers (Not All Attention, Wu et al.), and per-head gates.
 
 The papers' exact algorithms could not be recovered; this is a documented reconstruction
-(research/papers.md §3.3). The paper states only that, during task fine-tuning, the model
+(see docs/architecture.md). The paper states only that, during task fine-tuning, the model
 prunes itself down to "nearly 80% of self-attention layers pruned"; the gates, their
 training and the budget are not public. Here every attention sublayer (unit="layer") or
 every head (unit="head", beyond the paper) owns a logit theta and a stochastic gate:
@@ -37,26 +37,37 @@ without it, the best unit is always kept.
 
 A layer whose heads are all pruned loses its attention sublayer: `freeze` gives it a scalar
 gate 0 (so the gated model and the `extract`ed model agree), while sampled per-head gates of
-zeros still add the output projection's bias. `extract` builds the physically smaller model.
+zeros still add the output projection's bias. `extract` builds the physically smaller model
+(`learn.prune_extract`); the relaxations and config checks are `learn.common`'s (re-exported
+here under their old names).
 
 Shape legend: L layers, H heads, K head dim, D hidden size, U gated units.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sparse_attn import learn
+from sparse_attn.learn import base as learn
+from sparse_attn.learn import common
+from sparse_attn.learn import prune_extract
 
 Array = jax.Array
+_LABEL = "prune"
+
+# Old names of the shared parts (same functions, same random draws).
+hard_concrete = common.hard_concrete
+hard_concrete_keep_prob = common.hard_concrete_keep_prob
+hard_concrete_open_prob = common.hard_concrete_open_prob
+straight_through = common.straight_through
+extract = prune_extract.extract
+extract_task = prune_extract.extract_task
 
 UNITS = ("layer", "head")
 BUDGETS = ("penalty", "shift")
@@ -104,54 +115,14 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure functions: relaxed gates and keep probabilities.
-
-
-def hard_concrete(theta: Array, rng: Array, temperature: float = 2.0 / 3.0,
-                  limits: tuple[float, float] = (-0.1, 1.1)) -> Array:
-  """A hard-concrete sample z in [0, 1] (exact 0 and 1 have positive probability).
-
-  Args:
-    theta: log alpha, any shape.
-    rng: PRNG key.
-    temperature: tau.
-    limits: stretch interval (gamma, zeta).
-
-  Returns:
-    z with theta's shape, differentiable in theta where 0 < z < 1.
-  """
-  gamma, zeta = limits
-  u = jax.random.uniform(rng, jnp.shape(theta), jnp.float32, 1e-6, 1.0 - 1e-6)
-  s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + theta) / temperature)
-  return jnp.clip(s * (zeta - gamma) + gamma, 0.0, 1.0)
-
-
-def hard_concrete_keep_prob(theta: Array, temperature: float = 2.0 / 3.0,
-                            limits: tuple[float, float] = (-0.1, 1.1)) -> Array:
-  """P(z != 0) = sigmoid(theta - tau log(-gamma / zeta)): the L0 expected-keep probability."""
-  gamma, zeta = limits
-  return jax.nn.sigmoid(theta - temperature * math.log(-gamma / zeta))
-
-
-def hard_concrete_open_prob(theta: Array, temperature: float = 2.0 / 3.0,
-                            limits: tuple[float, float] = (-0.1, 1.1)) -> Array:
-  """P(z > 1/2) = sigmoid(theta - tau logit((1/2 - gamma) / (zeta - gamma))): how often the
-  straight-through gate (`hard`) is open (sigmoid(theta) for symmetric limits)."""
-  gamma, zeta = limits
-  t = (0.5 - gamma) / (zeta - gamma)
-  return jax.nn.sigmoid(theta - temperature * math.log(t / (1.0 - t)))
+# Pure functions: gates, budget.
 
 
 def gumbel_sigmoid(theta: Array, rng: Array, temperature: float = 1.0) -> Array:
-  """Relaxed Bernoulli sample sigmoid((logit u + theta) / tau) in (0, 1); P(> 1/2) = sigmoid(theta)."""
-  u = jax.random.uniform(rng, jnp.shape(theta), jnp.float32, 1e-6, 1.0 - 1e-6)
-  return jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + theta) / temperature)
+  """Relaxed Bernoulli sample sigmoid((logit u + theta) / tau) in (0, 1); P(> 1/2) = sigmoid(theta).
 
-
-def straight_through(z: Array) -> Array:
-  """Forward exactly (z > 1/2) in {0, 1}; gradient of z."""
-  hard = (z > 0.5).astype(z.dtype)
-  return hard + (z - jax.lax.stop_gradient(z))  # hard + 0 exactly in the forward pass.
+  `common.gumbel_sigmoid` with the "uniform" noise of `hard_concrete`. theta's shape."""
+  return common.gumbel_sigmoid(theta, rng, temperature, noise="uniform")
 
 
 def budget_shift(theta: Array, valid: Array, target: Array, keep_prob_fn,
@@ -227,75 +198,81 @@ def select_top(theta_LxH: Array, valid_LxH: np.ndarray, k: int | None, min_layer
 # The Structure factory.
 
 
+def _rules(bert_config: Any, layers: tuple[int, ...]) -> list[common.Rule]:
+  """prune's cross-field checks and derived entries (after the field checks), in order."""
+
+  def budget(c):
+    if c["budget"] == "shift" and c["prune_fraction"] is None:
+      return ("structure.budget='shift' meets a prune_fraction exactly; set "
+              "structure.prune_fraction (e.g. 0.67) or use budget='penalty' for plain L0 "
+              "pressure.")
+
+  def relaxation(c):
+    if c["temperature"] is None:
+      c["temperature"] = _DEFAULT_TEMPERATURE[c["relaxation"]]
+    limits = tuple(c["limits"]) if isinstance(c["limits"], (tuple, list)) else ()
+    if not (len(limits) == 2 and all(common.number().accepts(x) for x in limits)
+            and limits[0] < 0 and limits[1] > 1):
+      return (f"structure.limits (gamma, zeta) need gamma < 0 < 1 < zeta; got "
+              f"{c['limits']}.")
+    c["limits"] = (float(limits[0]), float(limits[1]))
+
+  def layernorm(c):
+    model_ln = bool(bert_config.pruned_keep_layernorm)
+    if c["keep_layernorm"] is None:
+      c["keep_layernorm"] = model_ln
+    elif bool(c["keep_layernorm"]) != model_ln:
+      return (f"structure.keep_layernorm={c['keep_layernorm']} disagrees with "
+              f"BertConfig.pruned_keep_layernorm={model_ln}; the model decides what a "
+              "pruned layer computes, so set both the same (or leave keep_layernorm None).")
+
+  def units(c):
+    pf, m = c["prune_fraction"], int(c["min_layers_kept"])
+    c["layers"] = layers
+    c["heads"] = {i: bert_config.layer_heads(i) for i in layers}
+    num = len(layers) if c["unit"] == "layer" else sum(c["heads"].values())
+    c["num_units"] = num
+    c["k"] = None if pf is None else kept_count(num, pf)
+    if c["k"] is not None and c["unit"] == "layer":
+      c["k"] = max(c["k"], m)
+    if c["k"] == 0 and m == 0 and not c["allow_prune_all"]:
+      return (f"structure.prune_fraction={pf} prunes every one of the {num} attention "
+              f"{c['unit']}s (kept = {num} - floor({pf} * {num} + 1/2) = 0). Lower "
+              "prune_fraction, set min_layers_kept >= 1, or set allow_prune_all=True to "
+              "build a model without attention.")
+    # Without a budget the theta > 0 rule could drop everything: keep the best unit then.
+    c["min_rows"] = m if (c["allow_prune_all"] or m > 0) else (0 if c["k"] else 1)
+
+  return [budget, relaxation, layernorm, units]
+
+
 def resolve_config(structure_config: Any, bert_config: Any) -> dict[str, Any]:
-  """Merges a config section over `default_config()` and validates it (plain dict out)."""
-  defaults = default_config().to_dict()
-  given = dict(structure_config.items()) if structure_config is not None else {}
-  given.pop("method", None)
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(f"Unknown prune config keys {unknown}; known: {sorted(defaults)}.")
-  c = {**defaults, **given}
-  if c["unit"] not in UNITS:
-    raise ValueError(f"Unknown unit {c['unit']!r}; use one of {UNITS}.")
-  if c["budget"] not in BUDGETS:
-    raise ValueError(f"Unknown budget {c['budget']!r}; use one of {BUDGETS}.")
-  if c["budget"] == "shift" and c["prune_fraction"] is None:
-    raise ValueError("budget='shift' meets a prune_fraction exactly; set prune_fraction "
-                     "(e.g. 0.67) or use budget='penalty' for plain L0 pressure.")
-  w = c["budget_warmup_steps"]
-  if int(w) != w or w < 0:
-    raise ValueError(f"budget_warmup_steps must be an integer >= 0; got {w!r}.")
-  if c["relaxation"] not in RELAXATIONS:
-    raise ValueError(f"Unknown relaxation {c['relaxation']!r}; use one of {RELAXATIONS}.")
-  if c["temperature"] is None:
-    c["temperature"] = _DEFAULT_TEMPERATURE[c["relaxation"]]
-  if not c["temperature"] > 0:
-    raise ValueError(f"temperature must be > 0; got {c['temperature']}.")
-  gamma, zeta = c["limits"]
-  if not (gamma < 0 and zeta > 1):
-    raise ValueError(f"limits (gamma, zeta) need gamma < 0 < 1 < zeta; got {c['limits']}.")
-  c["limits"] = (float(gamma), float(zeta))
-  if not c["beta"] >= 0:
-    raise ValueError(f"beta (penalty weight) must be >= 0; got {c['beta']}.")
-  pf = c["prune_fraction"]
-  if pf is not None and not 0.0 <= pf <= 1.0:
-    raise ValueError(f"prune_fraction must lie in [0, 1] (or None); got {pf}.")
-  model_ln = bool(bert_config.pruned_keep_layernorm)
-  if c["keep_layernorm"] is None:
-    c["keep_layernorm"] = model_ln
-  elif bool(c["keep_layernorm"]) != model_ln:
-    raise ValueError(
-        f"prune keep_layernorm={c['keep_layernorm']} disagrees with "
-        f"BertConfig.pruned_keep_layernorm={model_ln}; the model decides what a pruned "
-        "layer computes, so set both the same (or leave keep_layernorm None).")
-  layers = [i for i in range(bert_config.num_hidden_layers) if bert_config.layer_heads(i)]
-  if not layers:
-    raise ValueError("prune has nothing to gate: no layer has an attention sublayer.")
-  m = c["min_layers_kept"]
-  if int(m) != m or not 0 <= m <= len(layers):
-    raise ValueError(f"min_layers_kept must be an integer in [0, {len(layers)}] (layers "
-                     f"with attention); got {m!r}.")
-  c["layers"] = tuple(layers)
-  c["heads"] = {i: bert_config.layer_heads(i) for i in layers}
-  units = len(layers) if c["unit"] == "layer" else sum(c["heads"].values())
-  c["num_units"] = units
-  c["k"] = None if pf is None else kept_count(units, pf)
-  if c["k"] is not None and c["unit"] == "layer":
-    c["k"] = max(c["k"], int(m))
-  if c["k"] == 0 and int(m) == 0 and not c["allow_prune_all"]:
-    raise ValueError(
-        f"prune_fraction={pf} prunes every one of the {units} attention {c['unit']}s "
-        f"(kept = {units} - floor({pf} * {units} + 1/2) = 0). Lower prune_fraction, set "
-        "min_layers_kept >= 1, or set allow_prune_all=True to build a model without "
-        "attention.")
-  # Without a budget the theta > 0 rule could drop everything: keep the best unit then.
-  c["min_rows"] = int(m) if (c["allow_prune_all"] or int(m) > 0) else (
-      0 if c["k"] else 1)
-  return c
+  """Merges a config section over `default_config()` and validates it (plain dict out).
+
+  Returns:
+    The method's fields (temperature, limits and keep_layernorm resolved) plus "layers"
+    (gated layer indices), "heads" ({layer: H}), "num_units" (U), "k" (units `freeze`
+    keeps, None without a budget) and "min_rows" (layers that must keep a unit).
+  """
+  layers = common.select_layers(None, bert_config, _LABEL)
+  fields = {
+      "unit": common.choice(*UNITS),
+      "relaxation": common.choice(*RELAXATIONS),
+      "temperature": common.number(0.0, low_open=True, none_ok=True),
+      "hard": common.flag(),
+      "budget": common.choice(*BUDGETS),
+      "budget_warmup_steps": common.integer(0),
+      "beta": common.number(0.0),
+      "prune_fraction": common.number(0.0, 1.0, none_ok=True),
+      "keep_layernorm": common.flag(none_ok=True),
+      "init_logit": common.number(finite=True),
+      "min_layers_kept": common.integer(0, len(layers)),
+      "allow_prune_all": common.flag(),
+  }
+  return common.check_section(structure_config, default_config().to_dict(), fields,
+                              label=_LABEL, rules=_rules(bert_config, layers))
 
 
-@learn.register("prune")
 def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
                    lengths: Any = None) -> learn.Structure:
   """Builds the attention-pruning Structure (reconstruction of Not All Attention's self-pruning).
@@ -340,10 +317,8 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
     if c["budget"] != "shift":
       return 0.0
     target = c["k"] / c["num_units"]  # What `freeze` keeps (rounded, with minimums).
-    w = c["budget_warmup_steps"]
-    if w:
-      frac = jnp.clip(jnp.asarray(step, jnp.float32) / w, 0.0, 1.0)
-      target = 1.0 - frac * (1.0 - target)
+    if c["budget_warmup_steps"]:  # From every gate open to the budget.
+      target = common.linear_ramp(step, 1.0, target, c["budget_warmup_steps"])
     # Open gates: P(keep) <= 1 - 1e-6 keeps the bisection finite when the target is 1.
     target = jnp.minimum(target, 1.0 - 1e-6)
     return budget_shift(padded(params), valid_LxH, target, keep_prob)
@@ -414,114 +389,7 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Physical removal and reporting.
-
-# Head axis of each attention parameter (model.SelfAttention's DenseGeneral layouts):
-# query/key/value kernel [D, H, K], bias [H, K]; output kernel [H, K, D], bias [D] (kept).
-_HEAD_AXIS = {("query", "kernel"): 1, ("query", "bias"): 0, ("key", "kernel"): 1,
-              ("key", "bias"): 0, ("value", "kernel"): 1, ("value", "bias"): 0,
-              ("output", "kernel"): 0}
-
-
-def _take_heads(leaf: Any, idx: np.ndarray, axis: int) -> Any:
-  """Slices heads out of a parameter, boxed (flax partitioning metadata) or not."""
-  if isinstance(leaf, nn.meta.AxisMetadata):
-    return leaf.replace_boxed(jnp.take(leaf.unbox(), idx, axis=axis))
-  return jnp.take(jnp.asarray(leaf), idx, axis=axis)
-
-
-def _gate_values(gate: Any, where: str) -> np.ndarray:
-  g = np.asarray(gate, np.float32)
-  if not np.all((g == 0) | (g == 1)):
-    raise ValueError(f"{where}: gates must be hard {{0, 1}} to extract a pruned model; got "
-                     f"{g.tolist()}. Use structure.freeze(params).gates.")
-  return g
-
-
-def extract(bert_config: Any, params: Mapping[str, Any], frozen_gates: Any
-            ) -> tuple[Any, dict[str, Any]]:
-  """Builds the physically smaller model that the hard gates describe.
-
-  A layer whose gate is 0 (scalar, or every head 0) loses its attention sublayer:
-  heads_per_layer[i] = 0 and its "attention" params are deleted, with "attention_LayerNorm"
-  too unless BertConfig.pruned_keep_layernorm. Per-head gates slice the pruned heads out of
-  the query/key/value kernels and biases and the output kernel (heads_per_layer[i] = kept
-  count). The result equals the gated full model on the same inputs (up to float rounding)
-  for gates from `freeze`; an all-zero [H] vector is treated like the scalar 0 that `freeze`
-  writes for it (the gated model would still add the output projection's bias).
-
-  Args:
-    bert_config: the model's BertConfig.
-    params: a BertModel params tree (keys "embeddings", "layer_0", ...); boxed or plain.
-      For a task model use `extract_task`.
-    frozen_gates: a Frozen, or a per-layer tuple/list (or {"layer_i": gate} dict) of None
-      (untouched), a {0, 1} scalar, or a {0, 1} [H_i] vector.
-
-  Returns:
-    (new_bert_config, new_params); the input tree is not modified.
-  """
-  gates = frozen_gates.gates if isinstance(frozen_gates, learn.Frozen) else frozen_gates
-  num_layers = bert_config.num_hidden_layers
-  if isinstance(gates, Mapping):
-    extra = sorted(set(gates) - {f"layer_{i}" for i in range(num_layers)})
-    if extra:
-      raise ValueError(f"Gates name layers {extra} that a {num_layers}-layer model does not "
-                       "have; they were made for a model of another depth.")
-    gates = [gates.get(f"layer_{i}") for i in range(num_layers)]
-  if not isinstance(gates, (tuple, list)) or len(gates) != num_layers:
-    got = len(gates) if isinstance(gates, (tuple, list)) else type(gates).__name__
-    raise ValueError(f"Gates for {got} layers cannot be applied to a model with "
-                     f"{num_layers} layers; pass one gate (or None) per layer.")
-  present = sorted(int(k[6:]) for k in params if str(k).startswith("layer_"))
-  if present != list(range(num_layers)):
-    raise ValueError(f"params have layers {present} but bert_config has {num_layers}; "
-                     "pass the BertModel params (for a task model use extract_task).")
-  new_params = dict(params)
-  heads = [bert_config.layer_heads(i) for i in range(num_layers)]
-  for i, gate in enumerate(gates):
-    if gate is None:
-      continue
-    g = _gate_values(gate, f"layer {i}")
-    if heads[i] == 0:
-      if g.any():
-        raise ValueError(f"Layer {i} has no attention sublayer; its gate must be 0 or None.")
-      continue
-    if g.ndim == 1 and g.shape != (heads[i],):
-      raise ValueError(f"Layer {i} has {heads[i]} heads but its gate has shape {g.shape}.")
-    if g.ndim > 1:
-      raise ValueError(f"Layer {i}: gate must be a scalar or [H]; got shape {g.shape}.")
-    if g.all():
-      continue
-    layer = dict(new_params[f"layer_{i}"])
-    if not g.any():
-      del layer["attention"]
-      if not bert_config.pruned_keep_layernorm:
-        del layer["attention_LayerNorm"]
-      heads[i] = 0
-    else:
-      idx = np.nonzero(g)[0]
-      attn = {name: dict(sub) for name, sub in layer["attention"].items()}
-      for (name, leaf), axis in _HEAD_AXIS.items():
-        attn[name][leaf] = _take_heads(attn[name][leaf], idx, axis)
-      layer["attention"] = attn
-      heads[i] = int(idx.size)
-    new_params[f"layer_{i}"] = layer
-  new_config = dataclasses.replace(bert_config, heads_per_layer=tuple(heads))
-  return new_config, new_params
-
-
-def extract_task(bert_config: Any, task_params: Mapping[str, Any], frozen_gates: Any
-                 ) -> tuple[Any, dict[str, Any]]:
-  """`extract` for a task model's params: rewrites the "bert" subtree, keeps the head.
-
-  Returns:
-    (new_bert_config, new_task_params).
-  """
-  if "bert" not in task_params:
-    raise ValueError(f"Task params have no 'bert' subtree (keys {sorted(task_params)}); "
-                     "for BertModel params call extract.")
-  new_config, bert = extract(bert_config, task_params["bert"], frozen_gates)
-  return new_config, {**task_params, "bert": bert}
+# Reporting.
 
 
 def report(frozen: Any) -> str:
@@ -562,3 +430,8 @@ def report(frozen: Any) -> str:
     head.append(f"Kept fraction of gated units: {meta['kept_fraction']:.3f}; "
                 f"pruned layers keep LayerNorm: {meta.get('keep_layernorm')}.")
   return "\n".join(head + [""] + lines) + "\n"
+
+
+learn.register(learn.Method(name="prune", default_config=default_config,
+                            build=make_structure, report=report,
+                            report_file="pruned_layers.md", extract=extract_task))

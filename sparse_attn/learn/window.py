@@ -1,7 +1,7 @@
 """Learned neighbour degrees (Breaking BERT, Brahma et al.): a band half-width per layer/head.
 
 The papers' exact algorithms could not be recovered; this is a documented reconstruction
-(research/papers.md §2.4). Breaking BERT states that it "learns the degree of connectivity in
+(see docs/architecture.md). Breaking BERT states that it "learns the degree of connectivity in
 the neighbour connections while optimizing for sparsity"; how is not public. Here each
 learned layer (optionally each head) owns a neighbour half-width w: query i attends to key j
 iff |i - j| <= w, OR-ed with BigBird-style global tokens and random keys that stay fixed.
@@ -28,25 +28,36 @@ band(n - 1) is already dense; a larger value is a configuration error (no silent
 
 Mask semantics: True / 1 = may attend. Shape legend: N sequence length (queries = keys),
 H heads (1 when the width is shared by the heads of a layer), C candidate widths, L layers.
+The BigBird baseline lives in `learn.window_baseline`; temperature schedules, layer choice
+and config checks are `learn.common`'s (re-exported here under their old names).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sparse_attn import learn
+from sparse_attn.learn import base as learn
+from sparse_attn.learn import common
+from sparse_attn.learn import window_baseline
 from sparse_attn.masks import patterns
-from sparse_attn.masks import stats
 
 Array = jax.Array
+_LABEL = "learned_window"
 
 RELAXATIONS = ("gumbel_softmax", "soft_window")
 INITS = ("widest", "uniform", "narrowest")
+
+# Old names of the shared parts and of the BigBird baseline (same functions).
+temperature_at = common.temperature_at
+gumbel_softmax_st = common.gumbel_softmax_st
+BigBirdMatch = window_baseline.BigBirdMatch
+bigbird_matched = window_baseline.bigbird_matched
+_bigbird_counts = window_baseline.bigbird_counts
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -80,25 +91,11 @@ def default_config() -> ml_collections.ConfigDict:
         becomes beta * mean over learned layers (and heads) of |E[density] - target|, so a
         run asks for a sparsity instead of searching beta for it.
   """
-  c = ml_collections.ConfigDict()
-  c.relaxation = "gumbel_softmax"
-  c.per_head = False
-  c.layers = None
-  c.max_width = None
-  c.candidates = None
-  c.temperature = 1.0
-  c.temperature_final = None
-  c.anneal_steps = 0
-  c.beta = 0.1
-  c.global_tokens = 0
-  c.random_keys = 0
-  c.random_seed = 0
-  c.include_self = True
-  c.init = "widest"
-  c.init_prob = 0.9
-  c.density_over = "matrix"
-  c.target_density = None
-  return c
+  return ml_collections.ConfigDict(dict(
+      relaxation="gumbel_softmax", per_head=False, layers=None, max_width=None,
+      candidates=None, temperature=1.0, temperature_final=None, anneal_steps=0, beta=0.1,
+      global_tokens=0, random_keys=0, random_seed=0, include_self=True, init="widest",
+      init_prob=0.9, density_over="matrix", target_density=None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,114 +250,60 @@ def expected_density(probs_xC: Any, candidates: Sequence[int], n: int,
                            fixed_NxN)
 
 
-def gumbel_softmax_st(logits_xC: Array, rng: Array, temperature: Any) -> Array:
-  """Straight-through hard Gumbel-softmax: forward exactly one-hot, gradient of the soft draw.
-
-  Returns:
-    z_xC: one-hot in the forward pass; d z / d logits is that of softmax((logits + g) / tau).
-  """
-  g = jax.random.gumbel(rng, logits_xC.shape, jnp.float32)
-  soft = jax.nn.softmax((logits_xC + g) / temperature, axis=-1)
-  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits_xC.shape[-1], dtype=soft.dtype)
-  # hard + (soft - soft) is exactly `hard` forward (x - x == 0), whereas
-  # (hard - soft) + soft can round away from {0, 1}.
-  return hard + (soft - jax.lax.stop_gradient(soft))
-
-
-def temperature_at(step: Any, temperature: float, temperature_final: float | None,
-                   anneal_steps: int) -> Array:
-  """Geometric annealing tau(s) = tau0 (tau1 / tau0) ** min(s / S, 1); constant if tau1 None."""
-  if temperature_final is None or anneal_steps <= 0:
-    return jnp.asarray(temperature, jnp.float32)
-  frac = jnp.clip(jnp.asarray(step, jnp.float32) / anneal_steps, 0.0, 1.0)
-  return temperature * (temperature_final / temperature) ** frac
-
-
-class BigBirdMatch(NamedTuple):
-  """A BigBird mask matched to a target density (`mask`, `density` first)."""
-  mask: np.ndarray     # bool mask_NxN.
-  density: float       # Achieved density at n.
-  window: int          # Half-width of its band.
-  random_keys: int     # Random keys per row.
-
-
-def bigbird_matched(n: int, target_density: float, global_tokens: int = 0, seed: int = 0, *,
-                    window: int | None = None, random_keys: int | None = None,
-                    pairs_NxN: np.ndarray | None = None) -> BigBirdMatch:
-  """The BigBird mask (window + global + random) whose density at n best matches a target.
-
-  The mask is `patterns.bigbird(n, w, global_tokens, r, seed)`. Unless fixed by the caller,
-  the half-width w is the largest whose band + global links do not exceed the target
-  (neighbour links first: removing them hurts most, Breaking BERT), and the random-key count
-  r in [0, n] then brings the density closest to the target (ties: fewer keys). With `window`
-  fixed only r is searched; with `random_keys` fixed only w is searched (ties: larger w).
-  A target below the sparsest reachable mask returns that mask.
-
-  Args:
-    n: sequence length N.
-    target_density: in [0, 1].
-    global_tokens: g leading global tokens.
-    seed: seed of the random keys.
-    window: fix the half-width (in [0, n - 1]) instead of choosing it.
-    random_keys: fix the random keys per row (in [0, n]) instead of choosing them.
-    pairs_NxN: weights of the positions (e.g. `masks.stats.pair_weights` of a dataset's
-      lengths, to match the density over its valid pairs); None = the n x n matrix.
-
-  Returns:
-    BigBirdMatch(mask = bool mask_NxN, density, window, random_keys); `mask, density, *_ =`
-    unpacks the first two.
-  """
-  if not 0.0 <= target_density <= 1.0:
-    raise ValueError(f"target_density must lie in [0, 1]; got {target_density}.")
-  if window is not None and not 0 <= window <= n - 1:
-    raise ValueError(f"window must lie in [0, {n - 1}] at n={n}; got {window}.")
-  if random_keys is not None and not 0 <= random_keys <= n:
-    raise ValueError(f"random_keys must lie in [0, {n}]; got {random_keys}.")
-  pairs_NxN = np.ones((n, n)) if pairs_NxN is None else np.asarray(pairs_NxN, np.float64)
-  total = pairs_NxN.sum()
-  count_WxR = _bigbird_counts(n, global_tokens, seed, pairs_NxN)
-  err_WxR = np.abs(count_WxR / total - target_density)
-  if window is None and random_keys is None:
-    fits = np.nonzero(count_WxR[:, 0] <= target_density * total * (1 + 1e-9))[0]
-    window = int(fits.max()) if fits.size else 0
-  if window is not None:
-    w = int(window)
-    r = int(random_keys) if random_keys is not None else int(np.argmin(err_WxR[w]))
-  else:
-    r = int(random_keys)
-    col = err_WxR[:, r]
-    w = int(np.nonzero(col <= col.min() + 1e-12)[0].max())
-  mask_NxN = patterns.bigbird(n, w, global_tokens, r, seed)
-  return BigBirdMatch(mask_NxN, float((mask_NxN * pairs_NxN).sum() / total), w, r)
-
-
-def _bigbird_counts(n: int, global_tokens: int, seed: int,
-                    pairs_NxN: np.ndarray | None = None) -> np.ndarray:
-  """count[w, r] = kept pairs of patterns.bigbird(n, w, global_tokens, r, seed). [N, N+1].
-
-  With `pairs_NxN`, the kept pairs' summed weight instead of their number."""
-  pairs_NxN = np.ones((n, n)) if pairs_NxN is None else np.asarray(pairs_NxN, np.float64)
-  glob_NxN = patterns.global_tokens(n, global_tokens)
-  # Rank of each key in its row's random order: the keys of `patterns.random(n, r, seed)`
-  # are those with rank < r (the same draw and stable argsort).
-  order_NxN = np.argsort(np.random.default_rng(seed).random((1, n, n))[0], axis=-1,
-                         kind="stable")
-  rank_NxN = np.empty_like(order_NxN)
-  np.put_along_axis(rank_NxN, order_NxN, np.broadcast_to(np.arange(n), (n, n)), axis=-1)
-  free = ~glob_NxN
-  # hist[d, rho] = non-global pairs at offset d whose random rank is rho.
-  hist_NxN = np.zeros((n, n))
-  np.add.at(hist_NxN, (offsets(n)[free], rank_NxN[free]), pairs_NxN[free])
-  band_W = np.cumsum(hist_NxN.sum(1))                      # Non-global pairs with d <= w.
-  beyond_WxN = np.zeros((n, n))                            # Rows w: pairs with d > w.
-  beyond_WxN[:-1] = hist_NxN[::-1].cumsum(0)[::-1][1:]
-  outside_WxR = np.concatenate(                            # d > w and rank < r.
-      [np.zeros((n, 1)), beyond_WxN.cumsum(1)], 1)
-  return pairs_NxN[glob_NxN].sum() + band_W[:, None] + outside_WxR
-
-
 # ---------------------------------------------------------------------------------------------
 # The Structure factory.
+
+
+def _fields(n: int) -> dict[str, common.Field]:
+  return {
+      "relaxation": common.choice(*RELAXATIONS),
+      "per_head": common.flag(),
+      "max_width": common.integer(0, none_ok=True),
+      "temperature": common.POSITIVE,
+      "temperature_final": common.number(0.0, low_open=True, none_ok=True),
+      "anneal_steps": common.integer(0),
+      "beta": common.number(0.0),
+      "global_tokens": common.integer(0, n),
+      "random_keys": common.integer(0, n),
+      "random_seed": common.integer(0),
+      "include_self": common.flag(),
+      "init": common.choice(*INITS),
+      "init_prob": common.number(0.0, 1.0, low_open=True, high_open=True),
+      "density_over": common.DENSITY_OVER,
+      "target_density": common.TARGET_DENSITY,
+  }
+
+
+def _rules(bert_config: Any, n: int) -> list[common.Rule]:
+  """learned_window's cross-field checks (after `_fields`), in order."""
+
+  def sequence(c):
+    if n < 2:
+      return f"learned_window needs seq_len >= 2; got {n}."
+
+  def widths(c):
+    max_width = n - 1 if c["max_width"] is None else int(c["max_width"])
+    if max_width > n - 1:
+      return (f"structure.max_width={max_width} is a window larger than the sequence "
+              f"(seq_len={n}); band(n - 1 = {n - 1}) is already dense. Set max_width <= "
+              f"{n - 1} or None.")
+    cands = (tuple(range(max_width + 1)) if c["candidates"] is None
+             else tuple(c["candidates"]))
+    if (not cands or not all(common.integer(0).accepts(d) for d in cands) or
+        list(cands) != sorted(set(cands))):
+      return (f"structure.candidates must be strictly increasing non-negative integers; "
+              f"got {c['candidates']}.")
+    if cands[-1] > max_width:
+      return (f"Candidate width {cands[-1]} exceeds max_width={max_width} (a window larger "
+              f"than the sequence when > {n - 1}); drop it from structure.candidates or "
+              f"raise structure.max_width (<= {n - 1}).")
+    c["candidates"] = tuple(int(d) for d in cands)
+    c["max_width"] = max_width
+
+  def layers(c):
+    c["layers"] = tuple(sorted(common.select_layers(c["layers"], bert_config, _LABEL)))
+
+  return [sequence, common.anneal_rule, widths, layers]
 
 
 def resolve_config(structure_config: Any, bert_config: Any, seq_len: int) -> dict[str, Any]:
@@ -368,76 +311,11 @@ def resolve_config(structure_config: Any, bert_config: Any, seq_len: int) -> dic
 
   Returns:
     A plain dict of the method's fields, plus "candidates" (tuple of widths) and
-    "layers" (tuple of learned layer indices) resolved.
+    "layers" (tuple of learned layer indices, sorted) resolved.
   """
-  defaults = default_config().to_dict()
-  given = dict(structure_config.items()) if structure_config is not None else {}
-  given.pop("method", None)
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(f"Unknown learned_window config keys {unknown}; known: "
-                     f"{sorted(defaults)}.")
-  c = {**defaults, **given}
   n = int(seq_len)
-  if n < 2:
-    raise ValueError(f"learned_window needs seq_len >= 2; got {seq_len}.")
-  if c["relaxation"] not in RELAXATIONS:
-    raise ValueError(f"Unknown relaxation {c['relaxation']!r}; use one of {RELAXATIONS}.")
-  t = c["target_density"]
-  if t is not None and not 0.0 < t <= 1.0:
-    raise ValueError(f"target_density must be None or in (0, 1]; got {t!r}.")
-  if c["density_over"] not in ("matrix", "data"):
-    raise ValueError(f"density_over must be 'matrix' or 'data'; got {c['density_over']!r}.")
-  if c["init"] not in INITS:
-    raise ValueError(f"Unknown init {c['init']!r}; use one of {INITS}.")
-  if not c["beta"] >= 0:
-    raise ValueError(f"beta (penalty weight) must be >= 0; got {c['beta']}.")
-  for key in ("temperature", "temperature_final"):
-    if c[key] is not None and not c[key] > 0:
-      raise ValueError(f"{key} must be > 0; got {c[key]}.")
-  if c["temperature_final"] is not None and not c["anneal_steps"] > 0:
-    raise ValueError("temperature_final needs anneal_steps > 0 (the annealing length).")
-  if not 0.0 < c["init_prob"] < 1.0:
-    raise ValueError(f"init_prob must lie in (0, 1); got {c['init_prob']}.")
-  max_width = n - 1 if c["max_width"] is None else c["max_width"]
-  if int(max_width) != max_width or max_width < 0:
-    raise ValueError(f"max_width must be a non-negative integer; got {max_width!r}.")
-  if max_width > n - 1:
-    raise ValueError(
-        f"max_width={max_width} is a window larger than the sequence (seq_len={n}); "
-        f"band(n - 1 = {n - 1}) is already dense. Set max_width <= {n - 1} or None.")
-  cands = (tuple(range(int(max_width) + 1)) if c["candidates"] is None
-           else tuple(c["candidates"]))
-  if (not cands or any(int(d) != d or d < 0 for d in cands) or
-      list(cands) != sorted(set(cands))):
-    raise ValueError(f"candidates must be strictly increasing non-negative integers; "
-                     f"got {c['candidates']}.")
-  if cands[-1] > max_width:
-    raise ValueError(
-        f"Candidate width {cands[-1]} exceeds max_width={max_width} (a window larger than "
-        f"the sequence when > {n - 1}); drop it or raise max_width (<= {n - 1}).")
-  c["candidates"] = tuple(int(d) for d in cands)
-  c["max_width"] = int(max_width)
-  for key in ("global_tokens", "random_keys"):
-    if int(c[key]) != c[key] or not 0 <= c[key] <= n:
-      raise ValueError(f"{key} must be an integer in [0, {n}]; got {c[key]!r}.")
-  num_layers = bert_config.num_hidden_layers
-  with_attention = [i for i in range(num_layers) if bert_config.layer_heads(i) > 0]
-  if c["layers"] is None:
-    layers = tuple(with_attention)
-  else:
-    layers = tuple(sorted(set(int(i) for i in c["layers"])))
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-      raise ValueError(f"layers {bad} are outside [0, {num_layers}).")
-    no_attn = [i for i in layers if i not in with_attention]
-    if no_attn:
-      raise ValueError(f"layers {no_attn} have no attention sublayer (heads_per_layer = 0); "
-                       "remove them from `layers`.")
-  if not layers:
-    raise ValueError("learned_window has no layer to learn (no layer with attention).")
-  c["layers"] = layers
-  return c
+  return common.check_section(structure_config, default_config().to_dict(), _fields(n),
+                              label=_LABEL, rules=_rules(bert_config, n))
 
 
 def _init_params(c: dict[str, Any], heads: dict[int, int]) -> dict[str, Array]:
@@ -457,7 +335,7 @@ def _init_params(c: dict[str, Any], heads: dict[int, int]) -> dict[str, Array]:
           for i, h in heads.items()}
 
 
-@learn.register("learned_window")
+@learn.register("learned_window", default_config=default_config)
 def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
                    lengths: Any = None) -> learn.Structure:
   """Builds the learned-window Structure (reconstruction of Breaking BERT's learned degrees).
@@ -470,13 +348,7 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
   """
   c = resolve_config(structure_config, bert_config, seq_len)
   n, cands, num_layers = int(seq_len), c["candidates"], bert_config.num_hidden_layers
-  pairs_NxN = None  # Matrix density.
-  if c["density_over"] == "data":
-    if lengths is None:
-      raise ValueError("learned_window: density_over='data' needs the training data's "
-                       "example lengths: build with learn.build(..., lengths="
-                       "dataset.lengths) (the trainer does), or use density_over='matrix'.")
-    pairs_NxN = stats.pair_weights(lengths, n)
+  pairs_NxN = common.data_pair_weights(c["density_over"], lengths, n, _LABEL)  # None: matrix.
   heads = {i: (bert_config.layer_heads(i) if c["per_head"] else 1) for i in c["layers"]}
   fixed_NxN = fixed_links(n, c["global_tokens"], c["random_keys"], c["random_seed"])
   gumbel = c["relaxation"] == "gumbel_softmax"
