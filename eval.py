@@ -24,14 +24,14 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from sparse_attn import export, train
+  from sparse_attn import evaluation, export
   if FLAGS.export_masks:  # Refuse a bad destination before the evaluation, not after.
     export.check_destination(FLAGS.export_masks)
-  metrics, run, frozen = train.evaluate_workdir(FLAGS.workdir, FLAGS.config, FLAGS.step)
+  metrics, run, frozen = evaluation.evaluate_workdir(FLAGS.workdir, FLAGS.config, FLAGS.step)
   for split, m in metrics.items():
     print(f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items())
                                     if not k.startswith("density/")))
-  train.check_finite_metrics(metrics, f"eval.py --workdir {FLAGS.workdir}")
+  evaluation.check_finite_metrics(metrics, f"eval.py --workdir {FLAGS.workdir}")
   if FLAGS.export_masks:
     written = export.export_masks(frozen, FLAGS.export_masks)
     print(json.dumps({"exported": [str(p) for p in written]}, indent=1))

@@ -203,8 +203,9 @@ class Checkpointer:
     if masks:
       masks = {k: np.asarray(v) for k, v in masks.items()}
       items["masks"] = ocp.args.StandardSave(masks)
-      items["masks_meta"] = ocp.args.JsonSave(_jsonable(masks_meta or {}))
       sums["masks"] = fingerprints(masks)
+    if masks or (masks_meta or {}).get("gates") is not None:  # Gates live in the metadata.
+      items["masks_meta"] = ocp.args.JsonSave(_jsonable(masks_meta or {}))
     items["checksums"] = ocp.args.JsonSave(sums)
     if config is not None:
       items["config"] = ocp.args.JsonSave(_jsonable(config))
@@ -236,24 +237,51 @@ class Checkpointer:
     Returns:
       (state, step), or None when the directory holds no checkpoint.
     """
+    target = abstract(target)
+
+    def restore(s):
+      out = self.manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
+      _verify("state", out["state"], self._checksums(s, "state"), str(self.directory / str(s)))
+      return out["state"]
+    return self._newest_restorable(step, restore, set_aside_unreadable)
+
+  def restore_params(self, step: int | None = None) -> tuple[Any, int] | None:
+    """The parameters ({"model": ..., "structure": ...}) of `step` or the newest readable one.
+
+    Restores without a target (host arrays), so nothing of the run that saved them (its
+    optimizer, its data) has to be rebuilt: how a finished run is loaded for evaluation,
+    distillation or pruned-model extraction. Unreadable newer steps are skipped (logged),
+    never moved.
+
+    Returns:
+      (params, step), or None when the directory holds no checkpoint.
+    """
+    def restore(s):
+      out = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      state = out["state"]
+      _verify("state", state, self._checksums(s, "state"), str(self.directory / str(s)))
+      params = state["params"] if isinstance(state, dict) else state.params
+      return jax.tree.map(np.asarray, dict(params))
+    return self._newest_restorable(step, restore, set_aside_unreadable=False)
+
+  def _newest_restorable(self, step: int | None, restore, set_aside_unreadable: bool
+                         ) -> tuple[Any, int] | None:
+    """`restore(step)` of `step`, or of the newest step that restores cleanly."""
     self._check_step(step)
     steps = [step] if step is not None else self.all_steps()[::-1]
     if not steps:
       return None
-    target = abstract(target)
     errors, failed = [], []
     for s in steps:
       try:
-        out = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))
-        _verify("state", out["state"], self._checksums(s, "state"),
-                str(self.directory / str(s)))
+        out = restore(s)
         if errors:
           logging.warning("Restored step %d after skipping unreadable checkpoint(s): %s",
                           s, "; ".join(errors))
           if set_aside_unreadable:
             self._set_aside(failed)
-        return out["state"], s
+        return out, s
       except Exception as e:  # noqa: BLE001 - any failure means "try an older step".
         msg = f"step {s}: {type(e).__name__}: {str(e)[:300]}"
         logging.warning("Checkpoint %s could not be restored (%s); trying an older one.",
@@ -294,30 +322,32 @@ class Checkpointer:
     self.manager.reload()
 
   def restore_model_params(self, step: int | None = None) -> Any:
-    """The model weights ("params"/"model") of `step` (default latest), host arrays.
+    """The model weights ("params"/"model") of `step` (default: newest readable), host arrays.
 
     Restores without a target, so the other items of the state (optimizer, structure
     params) may differ from the caller's: this is how `init_from="run:<dir>"` starts a new
     run, with a new structure or optimizer, from another run's weights.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-    state = out["state"]
-    _verify("state", state, self._checksums(step, "state"), str(self.directory / str(step)))
-    params = state["params"] if isinstance(state, dict) else state.params
-    return jax.tree.map(np.asarray, params["model"])
+    got = self.restore_params(step)
+    return None if got is None else got[0]["model"]
 
   def restore_masks(self, step: int | None = None) -> tuple[dict[str, np.ndarray],
                                                             dict[str, Any]] | None:
-    """Restores (masks, metadata) of `step` (default latest), or None if it has none."""
+    """Restores (masks, metadata) of `step` (default latest), or None if it saved none.
+
+    A structure of gates only (attention-layer pruning) has metadata and no mask arrays:
+    ({}, metadata).
+    """
     step = self.latest_step() if step is None else step
-    if step is None or not (self.directory / str(step) / "masks").exists():
+    if step is None or not (self.directory / str(step) / "masks_meta").exists():
       return None
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        masks=ocp.args.StandardRestore(), masks_meta=ocp.args.JsonRestore()))
+    has_masks = (self.directory / str(step) / "masks").exists()
+    items = {"masks_meta": ocp.args.JsonRestore()}
+    if has_masks:
+      items["masks"] = ocp.args.StandardRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if not has_masks:
+      return {}, dict(out["masks_meta"])
     _verify("masks", out["masks"], self._checksums(step, "masks"),
             str(self.directory / str(step)))
     return {k: np.asarray(v) for k, v in out["masks"].items()}, dict(out["masks_meta"])

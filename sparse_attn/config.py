@@ -35,11 +35,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
+import pathlib
 from typing import Any
 
 import ml_collections
 
+from sparse_attn import checkpoint as ckpt_lib
 from sparse_attn import data as data_lib
 from sparse_attn import hostmem
 from sparse_attn import model as model_lib
@@ -371,3 +374,29 @@ def bert_overrides(model_section: Any) -> dict[str, Any]:
   if "heads_per_layer" in out and out["heads_per_layer"] is not None:
     out["heads_per_layer"] = tuple(out["heads_per_layer"])
   return out
+
+
+def check_resume(ckpt_dir: pathlib.Path, config) -> None:
+  """Refuses to resume a workdir whose checkpoints were written by another experiment."""
+  if not ckpt_dir.is_dir():
+    return
+  ck = ckpt_lib.Checkpointer(ckpt_dir, async_save=False, read_only=True)
+  try:
+    step = ck.latest_step()
+    saved = ck.restore_config() if step is not None else None
+  except Exception as e:  # noqa: BLE001 - an unreadable step falls back at restore.
+    logging.warning("Could not read the saved config of %s (%s); not compared.", ckpt_dir, e)
+    saved = None
+  finally:
+    ck.close()
+  if saved is None:
+    return
+  forbidden, allowed = config_changes(saved, config)
+  if forbidden:
+    raise UserError(
+        f"The checkpoints in {ckpt_dir} (latest step {step}) were written with another "
+        "config; resuming would mix two experiments. Changed:\n  " + "\n  ".join(forbidden)
+        + f"\nUse a new --workdir (init_from='run:{ckpt_dir.parent}' starts from its "
+        f"weights), or rerun with the saved values (in {ckpt_dir / str(step) / 'config'}).")
+  if allowed:
+    logging.warning("Resuming step %d with changed settings: %s", step, "; ".join(allowed))

@@ -5,8 +5,8 @@ distillation loss follows Hinton et al. (2015): T^2 * KL(softmax(t / T) || softm
 per labelled item (sequence for classification, labelled token for token tasks and MLM),
 and the squared difference of the predictions for regression. The teacher runs in
 deterministic mode with its own frozen structure (masks, gates), so any finished run, dense
-or sparse, can teach. Config section `distill` (sparse_attn/config.py): teacher = a workdir,
-alpha, temperature.
+or sparse, can teach. Config section `distill`: teacher = a finished run's workdir, alpha,
+temperature.
 
 With a teacher, the logged training "loss" is that mixed objective (plus any structure
 penalty); "task_loss" is the plain task loss, comparable with the evaluation "loss".
@@ -15,10 +15,13 @@ penalty); "task_loss" is the plain task loss, comparable with the evaluation "lo
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from sparse_attn import restore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,18 +30,54 @@ class Teacher:
 
   Attributes:
     module: the teacher's task module (may differ in size or heads from the student's).
-    masks: its frozen mask pytree (per layer, [H, L, L] bool or None) or None.
-    gates: its frozen gates (per layer) or None.
-    sinks: its attention-sink token ids.
+    structure: its run structure (cuts its masks to each batch and adds its sink links).
+    frozen: its frozen structure (`learn.Frozen`: masks, gates).
     alpha: weight of the distillation loss in [0, 1].
     temperature: softmax temperature T > 0.
   """
   module: Any
-  masks: Any
-  gates: Any
-  sinks: tuple[int, ...]
+  structure: Any
+  frozen: Any
   alpha: float
   temperature: float
+
+  def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    """The teacher's logits for `batch` (deterministic: no dropout, no mask noise)."""
+    masks, gates = self.structure.inputs(self.frozen, batch)
+    logits, _ = self.module.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"],
+        batch["token_type_ids"], masks=masks, gates=gates, deterministic=True)
+    return logits
+
+
+def load_teacher(config: Any, task: Any) -> tuple[Teacher | None, Any]:
+  """The `distill.teacher` run as (Teacher, its model params), or (None, None).
+
+  The teacher is loaded with `restore.load_run`: its datasets are not built, nor its
+  optimizer; it must share this run's task, labels and tokenizer and cover its length.
+  """
+  d = config.distill
+  if not d.teacher:
+    return None, None
+  check_settings(float(d.alpha), float(d.temperature))
+  src = restore.load_run(d.teacher, role="distill.teacher={!r}")
+  mine = (config.data.task, task.kind, task.num_labels, config.data.tokenizer)
+  theirs = (src.config.data.task, src.task.kind, src.task.num_labels,
+            src.config.data.tokenizer)
+  if mine != theirs:
+    raise ValueError(
+        f"distill.teacher={d.teacher!r} was trained on (task, kind, labels, tokenizer) = "
+        f"{theirs}; this run has {mine}. Use a teacher of the same task and tokenizer.")
+  if src.config.data.max_len < config.data.max_len:
+    raise ValueError(
+        f"distill.teacher={d.teacher!r} was built for sequences up to "
+        f"{src.config.data.max_len} tokens but this run uses data.max_len="
+        f"{config.data.max_len}; lower data.max_len or train a teacher at that length.")
+  teacher = Teacher(module=src.module, structure=src.structure, frozen=src.frozen,
+                    alpha=float(d.alpha), temperature=float(d.temperature))
+  logging.info("Distilling from %s (its step %d, alpha %.2f, T %.1f).", src.workdir,
+               src.step, d.alpha, d.temperature)
+  return teacher, src.params["model"]
 
 
 def check_settings(alpha: float, temperature: float) -> None:

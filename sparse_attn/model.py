@@ -3,10 +3,9 @@
 Semantics follow BERT / Hugging Face `BertModel` exactly: learned absolute positions,
 token-type embeddings, post-LayerNorm, erf GELU, the pooler (tanh dense on [CLS]).
 
-Masks are inputs, never built here: `masks` is the pytree of the contract in
-ARCHITECTURE.md (None = dense; one leaf shared by all layers; a tuple/list with one entry
-per layer, or a dict {"layer_i": leaf}); a leaf is bool (True = may attend) or float in
-[0, 1], broadcastable to [B, H, Q, K]. Padding (`attention_mask`) is combined inside.
+Masks are inputs, never built here: `masks` is a mask pytree (`masks.tree` states the
+contract; docs/architecture.md draws where it comes from). Padding (`attention_mask`) is
+combined inside.
 
 Attention-layer pruning is structural: `BertConfig.heads_per_layer[i] == 0` builds layer i
 without an attention sublayer (no parameters, no work). `gates` (optional, per layer: a
@@ -19,13 +18,14 @@ F intermediate (FFN) size, V vocabulary, C classes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sparse_attn import attention as attention_lib
+from sparse_attn.masks import tree
 
 Array = jax.Array
 
@@ -117,58 +117,26 @@ def _dense(config: BertConfig, features, axes: tuple[str | None, ...], name: str
       kernel_init=_init(config, axes), bias_init=_zeros(out_names), name=name)
 
 
-def normalize_masks(masks: Any, num_layers: int) -> tuple[Any, ...]:
-  """Turns a mask pytree into a tuple with one entry (None or a leaf) per layer.
-
-  Args:
-    masks: None; one leaf (shared by all layers); a tuple/list of length `num_layers`;
-      or a dict {"layer_i": leaf} (missing layers are dense).
-    num_layers: number of encoder layers.
-
-  Returns:
-    A tuple of length `num_layers`.
-  """
-  if masks is None:
-    return (None,) * num_layers
-  if isinstance(masks, Mapping):
-    valid = {f"layer_{i}" for i in range(num_layers)}
-    unknown = sorted(set(masks) - valid)
-    if unknown:
-      raise ValueError(f"Mask pytree has keys {unknown} that name no layer; this model has "
-                       f"layers layer_0 .. layer_{num_layers - 1}.")
-    return tuple(masks.get(f"layer_{i}") for i in range(num_layers))
-  if isinstance(masks, (tuple, list)):
-    if len(masks) != num_layers:
-      raise ValueError(f"Mask pytree has {len(masks)} per-layer entries but the model has "
-                       f"{num_layers} layers; give one entry (None = dense) per layer, or "
-                       "a single array shared by all layers.")
-    return tuple(masks)
-  return (masks,) * num_layers
+# The mask-pytree contract lives in `masks.tree`; these two names stay for callers of the model.
+normalize_masks = tree.normalize
 
 
 def mask_density(mask: Any, valid_BxL: Array) -> Array:
   """Mean kept fraction of valid (non-padding) query-key pairs; 1.0 for `None`.
 
   Args:
-    mask: a mask leaf broadcastable to [B, H, Q, K] (bool or float), or None.
+    mask: a mask leaf broadcastable to [B, H, Q, K] (bool or float), a block-sparse mask
+      object (it knows its own density), or None.
     valid_BxL: [B, L] bool, True for real tokens.
 
   Returns:
-    A scalar float32: sum(mask * valid pairs) / sum(valid pairs), over batch and heads.
+    A scalar float32: `masks.tree.density` over valid pairs, averaged over the batch.
   """
   if mask is None:
     return jnp.ones((), jnp.float32)
   if hasattr(mask, "density"):
     return mask.density(valid_BxL)
-  m = mask.astype(jnp.float32)
-  if m.ndim < 4:
-    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
-  pair_Bx1xLxL = (valid_BxL[:, None, :, None] & valid_BxL[:, None, None, :]).astype(
-      jnp.float32)
-  kept = jnp.sum(jnp.broadcast_to(m * pair_Bx1xLxL, jnp.broadcast_shapes(
-      m.shape, pair_Bx1xLxL.shape)), axis=(1, 2, 3))
-  per_example = kept / (jnp.sum(pair_Bx1xLxL, axis=(1, 2, 3)) * m.shape[1])
-  return jnp.mean(per_example)
+  return jnp.mean(tree.density(jnp.asarray(mask), valid_BxL))
 
 
 class Embeddings(nn.Module):

@@ -157,16 +157,34 @@ def load_hf_bert(path: str | os.PathLike, **overrides) -> tuple[BertConfig, dict
           f"{p} not found: a Hugging Face BERT directory needs config.json and "
           "model.safetensors (PyTorch .bin checkpoints can be converted with "
           "transformers' save_pretrained(..., safe_serialization=True)).")
-  try:
-    hf = json.loads(cfg_path.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointFormatError(f"{cfg_path} is not valid JSON: {e}") from e
-  config = config_from_hf(hf, **overrides)
+  config = _read_config(cfg_path, **overrides)
   converted = _convert(_read_tensors(weights), config)
   params = converted["bert"]
   if converted["mlm"] is not None:
     params["mlm_head"] = converted["mlm"]
   return config, params
+
+
+def _read_config(cfg_path: pathlib.Path, **overrides) -> BertConfig:
+  try:
+    hf = json.loads(cfg_path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointFormatError(f"{cfg_path} is not valid JSON: {e}") from e
+  return config_from_hf(hf, **overrides)
+
+
+def load_hf_config(path: str | os.PathLike, **overrides) -> BertConfig:
+  """The BertConfig of a Hugging Face BERT directory (its config.json), no weights read."""
+  cfg_path = pathlib.Path(path) / "config.json"
+  if not cfg_path.is_file():
+    raise CheckpointFormatError(f"{cfg_path} not found: a Hugging Face BERT directory "
+                                "needs config.json and model.safetensors.")
+  return _read_config(cfg_path, **overrides)
+
+
+def minilm_config(**overrides) -> BertConfig:
+  """The BertConfig of all-MiniLM-L6-v2 (its config.json from the asset cache)."""
+  return load_hf_config(assets.fetch_dir("minilm"), **overrides)
 
 
 def load_minilm(**overrides) -> tuple[BertConfig, dict[str, Any]]:

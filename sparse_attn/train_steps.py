@@ -1,6 +1,6 @@
 """The jitted step functions: TrainState, task losses, train step and eval step.
 
-Batch keys (sparse_attn/data/batching.py): input_ids, token_type_ids, attention_mask [B, L];
+Batch keys (`sparse_attn.data.batching`): input_ids, token_type_ids, attention_mask [B, L];
 weights [B] (0 = filler row); labels [B] (classification int / regression float) or [B, L]
 (token classification, MLM) with label_mask [B, L] (1 = position carries a label).
 """
@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import optax
 
 from sparse_attn import distill as distill_lib
-from sparse_attn import fixed_masks as fixed_lib
+from sparse_attn import learn
+from sparse_attn.masks import tree
+from sparse_attn.structure import RunStructure
 
 
 @flax.struct.dataclass
@@ -61,18 +63,16 @@ def _model_inputs(batch):
   return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
 
-def make_train_step(module, structure, fixed, tx, task, combine: str = "and",
-                    sinks: tuple[int, ...] = (), teacher: distill_lib.Teacher | None = None):
+def make_train_step(module, structure: RunStructure, tx, task,
+                    teacher: distill_lib.Teacher | None = None):
   """Returns step(state, batch[, teacher_params]) -> (state, metrics); jit it with shardings.
 
   Args:
     module: the task model (a linen module returning (logits, aux)).
-    structure: a learn.Structure or None.
-    fixed: the run's fixed mask pytree (tuple per layer) or None.
+    structure: the run structure (`sparse_attn.structure`): it samples the step's masks,
+      gates and penalty, combined with the fixed masks and ready for the batch.
     tx: the optax optimizer over {"model", "structure"} params.
     task: the data Task (its `kind`).
-    combine: how fixed and learned masks combine per layer ("and" | "or").
-    sinks: token ids every query may attend to in masked layers (`fixed_masks.add_sinks`).
     teacher: distil from this frozen model (`sparse_attn.distill`); the step then takes
       the teacher's model params as its third argument.
   """
@@ -81,34 +81,24 @@ def make_train_step(module, structure, fixed, tx, task, combine: str = "and",
   def step(state: TrainState, batch, teacher_params=None):
     rng = jax.random.fold_in(state.rng, state.step)
     r_drop, r_struct = jax.random.split(rng)
-    t_logits = None
-    if teacher is not None:
-      t_logits, _ = teacher.module.apply(
-          {"params": teacher_params}, *_model_inputs(batch),
-          masks=_batch_masks(teacher.masks, batch, teacher.sinks), gates=teacher.gates,
-          deterministic=True)
+    t_logits = None if teacher is None else teacher.logits(teacher_params, batch)
 
     def loss_fn(params):
-      masks, gates, penalty, s_metrics = fixed, None, 0.0, {}
-      if structure is not None:
-        sample = structure.sample(params["structure"], r_struct, state.step, True)
-        masks = fixed_lib.combine(fixed, sample.masks, combine)
-        gates, penalty, s_metrics = sample.gates, sample.penalty, sample.metrics
+      s = structure.sample(params["structure"], r_struct, state.step, batch)
       logits, aux = module.apply(
-          {"params": params["model"]}, *_model_inputs(batch),
-          masks=_batch_masks(masks, batch, sinks), gates=gates, deterministic=False,
-          rngs={"dropout": r_drop})
+          {"params": params["model"]}, *_model_inputs(batch), masks=s.masks, gates=s.gates,
+          deterministic=False, rngs={"dropout": r_drop})
       total, count = task_loss(kind, logits, batch)
       loss = total / jnp.maximum(count, 1.0)
-      metrics = {"task_loss": loss, "penalty": jnp.asarray(penalty),
-                 "density": aux["density"], **s_metrics}
+      metrics = {"task_loss": loss, "penalty": jnp.asarray(s.penalty),
+                 "density": aux["density"], **s.metrics}
       if teacher is not None:
         d_total, d_count = distill_lib.distill_loss(kind, logits, t_logits, batch,
                                                     teacher.temperature)
         metrics["distill_loss"] = d_total / jnp.maximum(d_count, 1.0)
         loss = (1.0 - teacher.alpha) * loss + teacher.alpha * metrics["distill_loss"]
       metrics["objective"] = loss
-      return loss + penalty, metrics
+      return loss + s.penalty, metrics
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -120,51 +110,39 @@ def make_train_step(module, structure, fixed, tx, task, combine: str = "and",
   return step
 
 
-def _batch_masks(masks, batch, sinks):
-  """The run's masks cut to the batch's length, with the batch's sink-token links."""
-  masks = fixed_lib.slice_masks(masks, batch["input_ids"].shape[1])
-  return fixed_lib.add_sinks(masks, batch["input_ids"], sinks)
-
-
 def _density_sum(masks, gates, batch, bert_config):
   """Per layer, the sum over real examples of the kept fraction of valid (q, k) pairs.
 
   A dense layer counts 1, a layer without attention (or with a closed layer gate) 0.
-  `masks` are the batch's masks (`_batch_masks`): leaves [..., L, L], per example or not.
-  Returns [num_layers] float32.
+  `masks` are the batch's masks (`RunStructure.inputs`): leaves [..., L, L], per example
+  or not; the density is `masks.tree.density` over valid pairs. Returns [num_layers].
   """
   valid_BxL = batch["attention_mask"].astype(bool)
   w_B = batch["weights"].astype(jnp.float32)
-  pairs_Bx1xLxL = valid_BxL[:, None, :, None] & valid_BxL[:, None, None, :]
   masks = masks or (None,) * bert_config.num_hidden_layers
   out = []
   for i, m in enumerate(masks):
     if bert_config.layer_heads(i) == 0:
       out.append(jnp.zeros(()))
       continue
-    if m is None:
-      d_B = jnp.ones_like(w_B)
-    else:
-      m = jnp.asarray(m)
-      m = m.reshape((1,) * (4 - m.ndim) + m.shape) if m.ndim < 4 else m  # [B|1, H, L, L]
-      kept_B = jnp.sum(m & pairs_Bx1xLxL, axis=(1, 2, 3)) / m.shape[1]
-      d_B = kept_B / jnp.maximum(jnp.sum(pairs_Bx1xLxL, axis=(1, 2, 3)), 1)
+    d_B = jnp.ones_like(w_B) if m is None else tree.density(jnp.asarray(m), valid_BxL)
     if gates is not None and gates[i] is not None:
       d_B = d_B * jnp.mean(jnp.asarray(gates[i], jnp.float32))  # Closed heads keep nothing.
     out.append(jnp.sum(d_B * w_B))
   return jnp.stack(out)
 
 
-def make_eval_step(module, task, sinks: tuple[int, ...] = ()):
+def make_eval_step(module, task, structure: RunStructure):
   """Returns eval_step(params, batch, masks, gates) -> predictions and loss sums.
 
-  `masks` / `gates` are the deterministic (frozen) structure: bool masks at the run's
-  maximum length, sliced here to the batch's length; `sinks` as in `make_train_step`.
+  `masks` / `gates` are a frozen structure's (`learn.Frozen`): bool masks at the run's
+  maximum length, {0, 1} gates; `structure` cuts the masks to the batch's length and adds
+  its sink links.
   """
   kind = task.kind
 
   def eval_step(params, batch, masks, gates):
-    masks = _batch_masks(masks, batch, sinks)
+    masks, gates = structure.inputs(learn.Frozen(masks=masks, gates=gates), batch)
     logits, _ = module.apply({"params": params["model"]}, *_model_inputs(batch),
                              masks=masks, gates=gates, deterministic=True)
     total, count = task_loss(kind, logits, batch)

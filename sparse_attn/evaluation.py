@@ -1,0 +1,136 @@
+"""Evaluation: a model over a split with its frozen structure, and a finished run re-evaluated.
+
+Metrics are the task's official ones (`data.compute_metrics`) plus the mean loss and the
+attention density over valid (non-padding) pairs, per layer and over all layers.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+
+from sparse_attn import checkpoint as ckpt_lib
+from sparse_attn import config as config_lib
+from sparse_attn import data as data_lib
+from sparse_attn import process
+from sparse_attn import restore
+from sparse_attn import sharding
+from sparse_attn.errors import UserError
+from sparse_attn.train_steps import make_eval_step
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+  """The training loss (or an evaluation of the model) became NaN or infinite."""
+
+
+def check_finite_metrics(metrics: dict[str, dict[str, float]], where: str) -> None:
+  """Raises NonFiniteLossError when an evaluation's loss or metric is NaN / infinite.
+
+  (Correlations of constant predictions are reported as 0.0 by `data.metrics`, so any
+  non-finite value here means NaN / infinite weights or inputs.)
+  """
+  for split, m in metrics.items():
+    bad = sorted(k for k, v in m.items() if not math.isfinite(float(v)))
+    if not bad:
+      continue
+    raise NonFiniteLossError(
+        f"{where}: non-finite evaluation metrics on {split}: "
+        + ", ".join(f"{k}={m[k]}" for k in bad) + ". The model's weights or its inputs hold "
+        "NaN / infinite values; evaluate an earlier step (--step), or retrain with a lower "
+        "optimizer.learning_rate or optimizer.grad_clip_norm set.")
+
+
+def evaluate(eval_step, params, dataset, task, mesh, batch_size: int, frozen,
+             max_batches: int = 0) -> dict[str, float]:
+  """Runs `eval_step` (`train_steps.make_eval_step`) over a split.
+
+  Args:
+    eval_step: the jitted eval step.
+    params: {"model": ..., "structure": ...}.
+    dataset: the split's dataset (batched in order, every example once).
+    task: the data Task.
+    mesh: the device mesh batches are laid out on.
+    batch_size: global batch size.
+    frozen: the frozen structure (`learn.Frozen`) the model runs with.
+    max_batches: stop after this many batches (0 = the whole split).
+
+  Returns:
+    The task's official metrics, "loss", "density/layer_i", "attention_density" and
+    "attention_sparsity".
+  """
+  preds, labels, weights, losses, density = [], [], [], [], []
+  for i, batch in enumerate(dataset.batches(batch_size, shuffle=False, drop_remainder=False,
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count())):
+    if max_batches and i >= max_batches:
+      break
+    out = eval_step(params, sharding.global_batch(batch, mesh), frozen.masks, frozen.gates)
+    out = jax.tree.map(_to_host, out)
+    preds.append(out["predictions"])
+    labels.append(out["labels"])
+    weights.append(out["weights"])
+    losses.append((out["loss_sum"], out["loss_count"]))
+    density.append((out["density_sum"], out["examples"]))
+  if not preds:
+    raise ValueError("The evaluation split produced no batches.")
+  metrics = data_lib.compute_metrics(task, preds, labels, weights)
+  total, count = (sum(float(a) for a, _ in losses), sum(float(b) for _, b in losses))
+  metrics["loss"] = total / max(count, 1.0)
+  per_layer = sum(d for d, _ in density) / max(sum(float(n) for _, n in density), 1.0)
+  for i, d in enumerate(per_layer):
+    metrics[f"density/layer_{i}"] = float(d)
+  metrics["attention_density"] = float(np.mean(per_layer))
+  metrics["attention_sparsity"] = 1.0 - metrics["attention_density"]
+  return metrics
+
+
+def _to_host(x):
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def evaluate_workdir(workdir: str | pathlib.Path, config=None, step: int | None = None
+                     ) -> tuple[dict[str, dict], restore.LoadedRun, Any]:
+  """Re-evaluates a run's checkpoint (default: newest readable) on its eval splits.
+
+  The run is loaded with `restore.load_run` (its saved config unless `config` is given; no
+  training data, no optimizer); only the eval splits are built. Read-only: nothing in
+  `workdir` is created or written. The process-wide settings (allocator, compilation
+  cache) come from `config` when given, else the defaults, never from the saved config.
+
+  Returns:
+    (metrics per split, the loaded run, the frozen structure used).
+
+  Raises:
+    CheckpointError: no such workdir, no checkpoint there, or no checkpoint of `step`
+      (the message lists the steps there).
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  if not (workdir / "checkpoints").is_dir():
+    raise ckpt_lib.CheckpointError(
+        f"No run in {workdir} (no checkpoints/ directory): check the path, or train first.")
+  # Before the checkpointer starts JAX. The saved `distributed` section describes how the
+  # training job was launched (coordinator, process ids), not this one.
+  process.prepare_process(config_lib.validate(config if config is not None
+                                               else config_lib.base_config()))
+  run = restore.load_run(workdir, step, config=config)
+  c = run.config
+  mesh = sharding.make_mesh(c.mesh.shape)
+  sharding.check_batch_divisible(c.train.eval_batch_size, mesh)
+  eval_sets = {s: data_lib.build_dataset(c.data, s, tokenizer=run.tokenizer)
+               for s in c.train.eval_splits}
+  example = next(next(iter(eval_sets.values())).batches(
+      c.train.eval_batch_size, shuffle=False, drop_remainder=False))
+  params = dict(run.params, model=restore.place_params(
+      run.module, run.params["model"], example, mesh, sharding.rules_from_config(c.mesh.rules)))
+  eval_step = jax.jit(make_eval_step(run.module, run.task, run.structure))
+  out = {s: evaluate(eval_step, params, ds, run.task, mesh, c.train.eval_batch_size,
+                     run.frozen, c.train.max_eval_batches)
+         for s, ds in eval_sets.items()}
+  return out, run, run.frozen
