@@ -258,12 +258,33 @@ class Checkpointer:
       (params, step), or None when the directory holds no checkpoint.
     """
     def restore(s):
-      out = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      target = self._local_target(s)
+      out = self.manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
       state = out["state"]
       _verify("state", state, self._checksums(s, "state"), str(self.directory / str(s)))
       params = state["params"] if isinstance(state, dict) else state.params
       return jax.tree.map(np.asarray, dict(params))
     return self._newest_restorable(step, restore, set_aside_unreadable=False)
+
+  def _local_target(self, step: int) -> Any:
+    """The saved state's tree as ShapeDtypeStructs on this process's first device.
+
+    A target-less restore refuses a checkpoint saved on another topology (another mesh or
+    process count); this target lays every array on one local device instead.
+    """
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # orbax warns that an item-level metadata file is absent.
+    try:
+      meta = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+    finally:
+      absl_log.setLevel(level)
+    tree = getattr(meta, "item_metadata", meta)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree,
+        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
 
   def _newest_restorable(self, step: int | None, restore, set_aside_unreadable: bool
                          ) -> tuple[Any, int] | None:
