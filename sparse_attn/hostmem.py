@@ -3,10 +3,8 @@
 XLA:CPU allocates every temporary of a step (activations, [B, H, Q, K] scores, new
 parameter and optimizer buffers) with malloc and frees it when the step ends. glibc hands
 blocks above its mmap threshold (and any large block requested from a worker thread's
-arena) straight back to the kernel, so the next step faults every page in again: a
-MiniLM train step (L=128, B=32) took 366k page faults and 0.98 s of kernel time out of
-6.6 s of CPU time, and an L=4096 masked attention forward spends ~45% of its CPU time in
-the kernel. `reuse_freed_memory` makes glibc keep freed memory in one heap that it never
+arena) straight back to the kernel, so the next step faults every page in again (the
+page-fault and kernel-time measurements are in docs/benchmarks.md). `reuse_freed_memory` makes glibc keep freed memory in one heap that it never
 trims. Once the heap has grown to the steps' working set (a few steps; it still grows
 now and then while it settles), steps stop faulting pages in. A block that a thread
 attached to an older arena allocates beyond that arena's 64 MB heap is still mapped
@@ -17,8 +15,8 @@ allocated yet, so call it before JAX's first computation (the entry points do:
 `train.setup` and `train.evaluate_workdir` honour the `train.host_memory` config key);
 applied later it still helps, partly. The cost is resident memory: freed memory is never
 returned to the OS and one heap fragments more, so the process's peak RSS grows (the
-dense fine-tuning run `configs/finetune.py`: 2.2 GB -> 4.2 GB, for 191 s -> 166 s).
-Use 'default' where host RAM is tight. On accelerators the big buffers live in device
+README gives the measured trade on the dense fine-tuning run). Use 'default' where host
+RAM is tight. On accelerators the big buffers live in device
 memory, so 'auto' leaves the host allocator alone when an accelerator plugin is
 installed.
 """

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import attention as attention_lib
+from sparse_attn.attention import seam as attention_lib
 from sparse_attn.masks import tree
 
 Array = jax.Array

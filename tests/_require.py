@@ -28,7 +28,7 @@ def unavailable(reason: str) -> None:
 
 def cpu_kernel() -> None:
   """Returns if the compiled CPU kernel is loaded; otherwise `unavailable`."""
-  from sparse_attn import cpu_kernel as kernel_lib  # pylint: disable=import-outside-toplevel
+  from sparse_attn.attention.kernels import cpu as kernel_lib  # pylint: disable=import-outside-toplevel
   ok, why = kernel_lib.load()
   if not ok:
     unavailable(f"CPU kernel unavailable: {why}")
@@ -36,7 +36,7 @@ def cpu_kernel() -> None:
 
 def compiler() -> str:
   """The C++ compiler the kernel builds with; `unavailable` if there is none."""
-  from sparse_attn import cpu_kernel as kernel_lib  # pylint: disable=import-outside-toplevel
+  from sparse_attn.attention.kernels import cpu as kernel_lib  # pylint: disable=import-outside-toplevel
   cxx = kernel_lib._compiler()  # pylint: disable=protected-access
   if cxx is None:
     unavailable("no C++ compiler")

@@ -9,6 +9,8 @@ import _require
 from sparse_attn import accel
 from sparse_attn import attention
 from sparse_attn import blocksparse
+from sparse_attn.attention.kernels import cudnn
+from sparse_attn.attention.kernels.blocksparse import executor as blocksparse_executor
 from sparse_attn.masks import patterns
 
 
@@ -24,7 +26,7 @@ def splash_calls(monkeypatch):
   the pure-JAX fallback, so a test cannot pass on the fallback's identical numbers."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=import-outside-toplevel
   calls = {"make_splash_mha": 0, "splash_kernel": 0, "blocksparse.attend": 0}
-  make, attend = splash.make_splash_mha, blocksparse.attend
+  make, attend = splash.make_splash_mha, blocksparse_executor.attend
 
   def spy_make(*args, **kwargs):
     calls["make_splash_mha"] += 1
@@ -40,7 +42,7 @@ def splash_calls(monkeypatch):
     return attend(*args, **kwargs)
 
   monkeypatch.setattr(splash, "make_splash_mha", spy_make)
-  monkeypatch.setattr(blocksparse, "attend", spy_attend)
+  monkeypatch.setattr(blocksparse_executor, "attend", spy_attend)
   return calls
 
 
@@ -111,7 +113,7 @@ def test_cudnn_adapter_window_and_lengths_equal_the_mask(cudnn_args, monkeypatch
                                                          right, lengths, dtype):
   length, h, d = 40, 2, 16
   if dtype == jnp.float32:  # The adapter takes half precision; float32 checks tightly.
-    monkeypatch.setattr(accel, "_cudnn_ok", lambda *_: True)
+    monkeypatch.setattr(cudnn, "supported", lambda *_: True)
   q, k, v, _ = (x.astype(dtype) for x in _qkv(2, length, h, d, seed=3))
   mask = (np.ones((length, length), bool) if left is None
           else patterns.window(length, left=left, right=right))

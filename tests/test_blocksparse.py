@@ -8,6 +8,7 @@ import pytest
 import _require
 from sparse_attn import attention
 from sparse_attn import blocksparse
+from sparse_attn.attention.kernels.blocksparse import executor
 from sparse_attn import model as model_lib
 from sparse_attn.masks import patterns
 
@@ -247,10 +248,10 @@ def test_several_loops_of_several_steps_match_one_loop_with_dropout(per_head_lay
 
 def test_bad_number_of_loops():
   with pytest.raises(ValueError, match="loops must be >= 1"):
-    blocksparse._num_loops(-1, 4)
+    executor._num_loops(-1, 4)
 
 
 def test_number_of_head_loops():
-  assert blocksparse._num_loops(2, 4) == 2 and blocksparse._num_loops(3, 4) == 2
-  assert blocksparse._num_loops(8, 6) == 6 and blocksparse._num_loops(5, 5) == 5
-  assert blocksparse._num_loops(1, 4) == 1 and blocksparse._num_loops(None, 1) == 1
+  assert executor._num_loops(2, 4) == 2 and executor._num_loops(3, 4) == 2
+  assert executor._num_loops(8, 6) == 6 and executor._num_loops(5, 5) == 5
+  assert executor._num_loops(1, 4) == 1 and executor._num_loops(None, 1) == 1

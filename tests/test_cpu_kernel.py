@@ -17,7 +17,7 @@ import pytest
 import _require
 from sparse_attn import attention
 from sparse_attn import blocksparse
-from sparse_attn import cpu_kernel
+from sparse_attn.attention.kernels import cpu as cpu_kernel
 from sparse_attn.masks import patterns
 
 

@@ -118,21 +118,7 @@ def test_the_import_reader_sees_lazy_and_relative_imports(tmp_path, monkeypatch)
   assert cycles(graph) == [["sparse_attn.a", "sparse_attn.sub.b"]]
 
 
-# Until the attention modules move into `sparse_attn/attention/` (kernels below the seam),
-# their one known circle is tracked by a strict xfail rather than hiding any other circle.
-ATTENTION_MOVED = (PKG / "attention").is_dir()
-KNOWN_CYCLES = [] if ATTENTION_MOVED else [["sparse_attn.accel", "sparse_attn.blocksparse"]]
-not_moved = pytest.mark.xfail(not ATTENTION_MOVED, strict=True,
-                              reason="attention modules not yet moved into attention/")
-
-
 def test_no_import_cycle_in_the_package():
-  found = cycles(import_graph(_modules()))
-  assert [c for c in found if c not in KNOWN_CYCLES] == []
-
-
-@not_moved
-def test_the_attention_modules_import_no_circle():
   assert cycles(import_graph(_modules())) == []
 
 
@@ -140,7 +126,6 @@ FORBIDDEN_FOR_KERNELS = ("sparse_attn.attention.seam", "sparse_attn.attention.po
                          "sparse_attn.attention", "sparse_attn.model")
 
 
-@not_moved
 def test_kernels_never_import_the_seam_the_policy_or_the_model():
   modules = _modules()
   kernels = [m for m in modules if m.startswith("sparse_attn.attention.kernels")]
@@ -163,9 +148,8 @@ def test_masks_import_nothing_above_them():
   assert {m: e for m, e in bad.items() if e} == {}
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=not_moved) if p == PKG / "blocksparse.py" else p
-    for p in sorted(PKG.rglob("*.py"))], ids=lambda p: str(p.relative_to(PKG)))
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(PKG)))
 def test_modules_are_short(path):
   limit = MAX_TRAIN_LINES if path == PKG / "train.py" else MAX_LINES
   n = len(path.read_text(encoding="utf-8").splitlines())

@@ -9,7 +9,7 @@ import sys
 import jax
 
 from sparse_attn import assets
-from sparse_attn import cpu_kernel
+from sparse_attn.attention.kernels import cpu as cpu_kernel
 from sparse_attn import hostmem
 from sparse_attn import train
 

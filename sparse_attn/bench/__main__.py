@@ -73,7 +73,9 @@ def apply_process_settings(args: argparse.Namespace) -> bool:
   flags = [os.environ.get("XLA_FLAGS", ""), args.xla_flags]
   if args.devices:
     flags.append(f"--xla_force_host_platform_device_count={args.devices}")
-  os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f).strip()
+  joined = " ".join(f for f in flags if f).strip()
+  if joined != os.environ.get("XLA_FLAGS", ""):   # Unset stays unset when nothing is added.
+    os.environ["XLA_FLAGS"] = joined
   return hostmem.reuse_freed_memory(args.host_memory)
 
 

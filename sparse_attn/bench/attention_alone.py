@@ -8,10 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attn import accel
 from sparse_attn import attention
-from sparse_attn import blocksparse
-from sparse_attn import cpu_kernel
+from sparse_attn.attention.kernels import cpu as cpu_kernel
 from sparse_attn.bench import timing
 from sparse_attn.masks import patterns
 
@@ -29,7 +27,7 @@ def _variants(obj, mask):
       "masked": lambda q, k, v: attention.dot_product_attention(q, k, v, mask=mk),
       "blocksparse": lambda q, k, v: attention.dot_product_attention(
           q, k, v, mask=obj, backend="blocksparse"),
-      "blocksparse_xla": lambda q, k, v: blocksparse.attend(
+      "blocksparse_xla": lambda q, k, v: attention.attend(
           obj.plan, q, k, v, gmasks=obj.gmasks, impl="xla")}
 
 
@@ -71,12 +69,12 @@ def bench_attention(lengths: Sequence[int], windows: Sequence[int], batch: int, 
         continue
       mask = patterns.window(length, win)
       if block_size:
-        obj = blocksparse.BlockSparseMask.from_mask(mask, block_size)
+        obj = attention.BlockSparseMask.from_mask(mask, block_size)
       else:
-        _, lay = accel.choose(mask, platform_name="cpu", min_speedup=0.0)
-        obj = blocksparse.BlockSparseMask.from_layout(lay)
+        _, lay = attention.choose(mask, platform_name="cpu", min_speedup=0.0)
+        obj = attention.BlockSparseMask.from_layout(lay)
       lay = obj.layout
-      auto, _ = accel.choose(mask, platform_name="cpu")   # What backend='auto' runs.
+      auto, _ = attention.choose(mask, platform_name="cpu")   # What backend='auto' runs.
       fns = {}
       for name, attn in _variants(obj, mask).items():
         fwd = jax.jit(attn)

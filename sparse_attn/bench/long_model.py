@@ -11,10 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attn import accel
 from sparse_attn import attention
-from sparse_attn import blocksparse
-from sparse_attn import cpu_kernel
+from sparse_attn.attention.kernels import cpu as cpu_kernel
 from sparse_attn import model as model_lib
 from sparse_attn.bench import timing
 from sparse_attn.bench.flops import model_flops
@@ -44,9 +42,9 @@ def _configs(length, layers, hidden, heads):
 def _block_mask(mask, length, window, block_size):
   """The band mask as a BlockSparseMask at block_size (0: the block size 'auto' picks)."""
   if block_size:
-    return blocksparse.BlockSparseMask.from_mask(mask, block_size)
-  obj = accel.prepare(mask, platform_name="cpu")
-  if not isinstance(obj, blocksparse.BlockSparseMask):
+    return attention.BlockSparseMask.from_mask(mask, block_size)
+  obj = attention.prepare(mask, platform_name="cpu")
+  if not isinstance(obj, attention.BlockSparseMask):
     raise ValueError(f"The chooser runs window {window} at L={length} dense.")
   return obj
 

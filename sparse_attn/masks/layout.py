@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from sparse_attn.masks.tree import as_4d
+
 EMPTY, PARTIAL, FULL = 0, 1, 2  # Tile kinds, the Splash convention (block_mask values).
 
 
@@ -48,7 +50,7 @@ def _as_bool_mask(mask: Any) -> np.ndarray:
           f"A block layout is built from a hard (bool) mask, got dtype {m.dtype}. "
           "Binarise a relaxed / learned float mask first, e.g. `mask > 0.5` (block-sparse "
           "kernels execute bool masks only).")
-  return m.reshape((1,) * (4 - m.ndim) + m.shape)
+  return as_4d(m)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -304,3 +306,27 @@ def block_densities(mask: Any, block_sizes=(16, 32, 64, 128, 256)) -> dict[int, 
     out[int(b)] = float(padded.reshape(m.shape[:2] + (nq, b, nk, b)).any(
         axis=(-3, -1)).mean())
   return out
+
+
+def window_of(mask: Any) -> tuple[int, int] | None:
+  """(left, right) if a bool mask is one band -left <= j - i <= right for every head and
+  example (what cuDNN's `local_window_size` skips), else None.
+
+  Args:
+    mask: bool mask_QxK / mask_HxQxK / mask_BxHxQxK (host side).
+  """
+  m = np.asarray(mask).astype(bool)
+  m = m.reshape((-1,) + m.shape[-2:])
+  if not np.all(m == m[:1]):
+    return None
+  m = m[0]
+  q_len, k_len = m.shape
+  if q_len != k_len or not m.any():
+    return None
+  off = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]     # j - i
+  left = int(-off[m].min())
+  right = int(off[m].max())
+  if left < 0 or right < 0:
+    return None
+  band = (off >= -left) & (off <= right)
+  return (left, right) if np.array_equal(band, m) else None

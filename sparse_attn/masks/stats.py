@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 
 from sparse_attn.masks import schedule
+from sparse_attn.masks import tree
 
 
 def _as_bxhxnxn(mask: Any) -> np.ndarray:
   """Returns the leaf as a float64 array of shape [B|1, H|1, N, N]."""
   schedule.check_leaf(mask)
   m = np.asarray(mask, dtype=np.float64)
-  return m.reshape((1,) * (4 - m.ndim) + m.shape)
+  return tree.as_4d(m)
 
 
 def density(mask: Any, valid: np.ndarray | None = None) -> float:
@@ -60,14 +61,11 @@ def density(mask: Any, valid: np.ndarray | None = None) -> float:
     if m_BxHxNxN.shape[0] not in (1, valid_BxN.shape[0]):
       raise ValueError(f"mask batch dim {m_BxHxNxN.shape[0]} does not match valid's "
                        f"{valid_BxN.shape[0]}.")
-  pairs_Bx1xNxN = (valid_BxN[:, None, :, None] & valid_BxN[:, None, None, :])
-  m_BxHxNxN = np.broadcast_to(m_BxHxNxN, (valid_BxN.shape[0],) + m_BxHxNxN.shape[1:])
-  kept_B = (m_BxHxNxN * pairs_Bx1xNxN).sum(axis=(1, 2, 3))
-  total_B = pairs_Bx1xNxN.sum(axis=(1, 2, 3)) * m_BxHxNxN.shape[1]
-  has_tokens = total_B > 0
+  has_tokens = valid_BxN.any(axis=-1)
   if not has_tokens.any():
     raise ValueError("density: no example has a valid token (valid is all False).")
-  return float(np.mean(kept_B[has_tokens] / total_B[has_tokens]))
+  m_BxHxNxN = np.broadcast_to(m_BxHxNxN, (valid_BxN.shape[0],) + m_BxHxNxN.shape[1:])
+  return float(np.mean(tree.density(m_BxHxNxN, valid_BxN)[has_tokens]))
 
 
 def sparsity(mask: Any, valid: np.ndarray | None = None) -> float:

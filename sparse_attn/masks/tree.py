@@ -67,7 +67,7 @@ def as_4d(m: Any) -> Any:
   """
   if m.ndim >= 4:
     return m
-  return m.reshape((1,) * (4 - m.ndim) + tuple(m.shape))
+  return m.reshape((1,) * (4 - m.ndim) + tuple(m.shape))  # The one pad-to-4-D reshape.
 
 
 def density(mask: Any, valid_BxL: Any = None) -> Any:
