@@ -80,3 +80,6 @@ def test_resolve_names_the_executor_auto_runs():
   assert attention.resolve("auto", None, q) == "dense"
   with pytest.raises(ValueError, match="cannot be registered"):
     attention.register_backend("auto")
+  bogus = attention.BlockSparseMask.from_mask(mask, BLOCK, preferred="bogus")
+  with pytest.raises(ValueError, match="Unknown executor 'bogus'"):
+    attention.dot_product_attention(q, q, q, mask=bogus, backend="auto")

@@ -37,8 +37,9 @@ from sparse_attn.masks import tree
 
 Array = jax.Array
 
-# Block sizes each platform's block-sparse executor is tried with. Splash needs lane-
-# aligned tiles (multiples of 128); the XLA executor runs any b.
+# Block sizes each platform's block-sparse executor is tried with. Splash computes in
+# lane-aligned tiles (multiples of 128), so smaller layout blocks skip nothing more there;
+# the XLA executor runs any b.
 BLOCK_SIZES = {"cpu": (32, 64, 128, 256), "gpu": (64, 128), "tpu": (128, 256, 512)}
 
 
@@ -168,7 +169,17 @@ def calibrated_choice(mask: Any, batch: int, num_heads: int, head_dim: int, *,
                       dtype: Any = jnp.float32) -> Choice:
   """Measures dense vs block-sparse (forward) for this shape and caches the winner.
 
-  Cached per (platform, shape, mask content); the measurement costs a few compilations.
+  Args:
+    mask: bool mask_QxK / mask_HxQxK / mask_BxHxQxK (host side).
+    batch, num_heads, head_dim: B, H, D of the calls it will serve (inputs [B, L, H, D]).
+    block_sizes: candidates (default: `BLOCK_SIZES[platform]`).
+    repeats: timed calls per candidate (the median counts).
+    dtype: the inputs' dtype.
+
+  Returns:
+    The winning `Choice` ('dense' or 'blocksparse' with its block size and measured
+    speed-up). Cached per (platform, shape, mask content); the measurement costs a few
+    compilations.
   """
   m = np.asarray(mask).astype(bool)
   plat = seam.platform()

@@ -5,8 +5,9 @@ signature matches `flax.linen.dot_product_attention` (so it can be passed as a l
 `attention_fn`) plus keyword-only extras: `key_valid` (padding) and `backend`. A call runs
 in four steps (docs/architecture.md draws them):
 
-1. validation: query / key / value shapes, `key_valid` [B, K], the mask leaf (a bool or
-   float array broadcastable to [B, H, Q, K], or a `BlockSparseMask` built for Q x K);
+1. validation: query / key / value shapes, the backend's name, the dropout rng, the mask
+   leaf (a bool or float array broadcastable to [B, H, Q, K], or a `BlockSparseMask` built
+   for Q x K) and `key_valid` [B, K];
 2. dropout: a `dense.Dropout` (rng, rate) when training with `dropout_rate > 0`;
 3. `resolve`: 'auto' becomes a named executor (a `BlockSparseMask` runs on the executor
    the policy chose for it, `preferred`; arrays run on cuDNN for unmasked half-precision
@@ -20,8 +21,9 @@ checks every registered one):
   * 'splash': TPU Splash attention; dropout and per-example layouts run 'blocksparse'.
   * 'cudnn': GPU cuDNN flash attention for no mask, a full layout or one local window;
     anything else runs 'blocksparse'.
-The block-sparse executors run `BlockSparseMask` objects: a layer without a mask runs
-the reference, and an array mask is refused with the way out (`prepare` it, outside jit).
+The block-sparse executors run `BlockSparseMask` objects: a layer without a mask (or with
+one that only restricts keys, [..., 1, K]) runs the reference, and a structural array mask
+is refused with the way out (`prepare` it, outside jit).
 
 Shape legend: B batch, Q query length, K key length, H heads, D head dim.
 """
@@ -161,25 +163,30 @@ def _cudnn(query, key, value, *, mask, key_valid, bias, dropout, precision):
                       dropout=dropout, precision=precision)
 
 
-def _validate(query: Array, key: Array, value: Array, mask: Any,
-              key_valid: Array | None) -> None:
+def _check_qkv(query: Array, key: Array, value: Array) -> None:
   if query.ndim != 4 or key.shape != value.shape or query.shape[-1] != key.shape[-1]:
     raise ValueError(f"Expected query [B,Q,H,D], key/value [B,K,H,D]; got {query.shape}, "
                      f"{key.shape}, {value.shape}.")
+
+
+def _check_mask(query: Array, key: Array, mask: Any, key_valid: Array | None) -> None:
   b, q, h, _ = query.shape
   k = key.shape[1]
-  if key_valid is not None and key_valid.shape != (b, k):
-    raise ValueError(f"key_valid has shape {key_valid.shape}; expected [B, K] = {(b, k)}.")
   if isinstance(mask, BlockSparseMask):
     lay = mask.layout
     if (q, k) != (lay.q_len, lay.k_len):
       raise ValueError(f"The block layout is for Q={lay.q_len}, K={lay.k_len}; got query "
                        f"length {q} and key length {k}. Build the layout at the model's "
                        "sequence length.")
-    dense.check_mask_shape(mask.shape, b, h, q, k)
+    lbm, lhm = lay.block_mask.shape[:2]
+    if lbm not in (1, b) or lhm not in (1, h):
+      raise ValueError(f"The block layout has batch x heads {lbm} x {lhm}, which does not "
+                       f"broadcast to {b} x {h}.")
   elif mask is not None:
     dense.check_mask_shape(mask.shape, b, h, q, k)
     dense.check_mask_dtype(mask)
+  if key_valid is not None and key_valid.shape != (b, k):
+    raise ValueError(f"key_valid has shape {key_valid.shape}; expected [B, K] = {(b, k)}.")
 
 
 def dot_product_attention(
@@ -230,16 +237,20 @@ def dot_product_attention(
   """
   del module, force_fp32_for_softmax, einsum_dot_general
   del qk_attn_weights_einsum, attn_weights_value_einsum
+  _check_qkv(query, key, value)
   if backend != AUTO and backend not in BACKENDS:
     raise ValueError(f"Unknown attention backend {backend!r}; known: "
                      f"{sorted([AUTO, *BACKENDS])}.")
-  _validate(query, key, value, mask, key_valid)
   dropout = None
   if dropout_rate > 0.0 and not deterministic:
     if dropout_rng is None:
       raise ValueError("dropout_rate > 0 in training mode needs a dropout_rng.")
     dropout = dense.Dropout(dropout_rng, float(dropout_rate), broadcast_dropout)
+  _check_mask(query, key, mask, key_valid)
   name = resolve(backend, mask, query, key_valid=key_valid, bias=bias, dropout=dropout)
+  if name not in BACKENDS:   # Only a mask object's `preferred` can name an unknown one.
+    raise ValueError(f"Unknown executor {name!r} for a block-sparse mask (its `preferred`); "
+                     f"use one of {sorted(BACKENDS)}.")
   out = BACKENDS[name](query, key, value, mask=mask, key_valid=key_valid, bias=bias,
                        dropout=dropout, precision=precision)
   return out.astype(dtype or query.dtype)

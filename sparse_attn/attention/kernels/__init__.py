@@ -1,5 +1,5 @@
 """Attention kernels below the seam: block-sparse (pure JAX and compiled CPU), Splash, cuDNN.
 
-Kernels import only each other and `sparse_attn.masks`: never the seam, the policy or the
-model (docs/architecture.md).
+Kernels import each other, `sparse_attn.masks` and the asset cache (where the CPU kernel
+is built): never the seam, the policy or the model (docs/architecture.md).
 """

@@ -1,7 +1,7 @@
 // Block-sparse attention for XLA:CPU: forward and backward over a static tile list,
 // multithreaded on XLA's intra-op thread pool. Compiled and loaded by
-// sparse_attn/cpu_kernel.py; the XLA reference of the same computation is
-// sparse_attn/blocksparse.py. Float32 only.
+// sparse_attn/attention/kernels/cpu.py; the pure-JAX executor of the same computation is
+// sparse_attn/attention/kernels/blocksparse/executor.py. Float32 only.
 //
 // Shapes (b = block size, NQ / NK = query / key blocks, Lq = NQ*b, Lk = NK*b, C = the
 // longest tile list; Bm in {1, B} and Hm in {1, H} are the layout's batch and heads):

@@ -187,7 +187,7 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
       concurrently (one per core); default: the host's cores, at most H / (heads
       per step), lowered until it divides that.
     impl: 'xla' (this module's pure-JAX executor, every platform), 'kernel' (the
-      compiled multithreaded CPU kernel of `cpu_kernel`; raises if it cannot run this
+      compiled multithreaded CPU kernel of `kernels.cpu`; raises if it cannot run this
       call) or 'auto' (the kernel on CPU when it can run the call, else 'xla'; GPU and
       TPU always lower 'xla'). The kernel has first derivatives only: use 'xla' for
       second derivatives. head_loop, heads_per_step and loops tune 'xla' only.

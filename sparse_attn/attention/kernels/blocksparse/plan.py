@@ -101,6 +101,8 @@ def _tile_masks(lay: layout_lib.BlockLayout, kb_BxHxQxM: np.ndarray,
 
 
 def group_index(g: Group) -> Array | None:
+  """A gathered group's key-block lists as a device array int32 [Bm, Hm, NQ, M]; None
+  for an offset group."""
   return None if g.index is None else jnp.asarray(g.index)
 
 
@@ -201,6 +203,7 @@ def slot_keys_transpose(plan: Plan, g: Group, d_BxHxNQxNxD: Array, nk: int,
 
 
 def device_masks(plan: Plan) -> tuple[tuple[Array, Array] | None, ...]:
-  """The plan's (mask, mask_t) pairs as device arrays (None for all-full groups)."""
+  """The plan's per-group tile masks as device arrays: (mask bool [Bm, Hm, NQ, b|1, N],
+  mask_t bool [Bm, Hm, NQ, N, b|1]) per group, None for groups whose tiles are all full."""
   return tuple(None if g.mask is None else (jnp.asarray(g.mask), jnp.asarray(g.mask_t))
                for g in plan.groups)
