@@ -32,8 +32,9 @@ OWN_CACHE_VAR = "SPARSE_ATTN_TEST_CACHE"
 # Variables pytest itself changes between the phases of a test.
 _PYTEST_VARS = ("PYTEST_CURRENT_TEST",)
 # Set by a library on its first import (once per process, whichever test imports it
-# first): kept, since the library relies on it later. jax.experimental.mosaic.gpu.
-_IMPORT_VARS = ("MOSAIC_GPU_CUDA_ROOT",)
+# first): kept, since the library relies on it later. jax.experimental.mosaic.gpu;
+# torch's flex_attention (its inductor cache).
+_IMPORT_VARS = ("MOSAIC_GPU_CUDA_ROOT", "TORCHINDUCTOR_CACHE_DIR")
 
 
 class ProcessStateLeak(UserWarning):

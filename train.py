@@ -20,12 +20,23 @@ def main(argv):
   from sparse_attn import train  # After flag parsing: JAX reads its own flags on import.
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   summary = {k: v for k, v in results.items() if not isinstance(v, dict)}
+  timing = results.pop("timing", None)
   for split, metrics in results.items():
     if isinstance(metrics, dict):
       main = {k: v for k, v in metrics.items() if not k.startswith("density/")}
       print(f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(main.items())))
       per_layer = [f"{metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("density/")]
       print(f"[{split}] attention density per layer (valid pairs): {' '.join(per_layer)}")
+  if timing:
+    step_s, rate = timing["train_step_s"], timing["eval_examples_per_s"]
+    print(f"[timing] train step {step_s:.3f} s (median)  " if step_s else "[timing] ",
+          f"evaluation {rate:.1f} examples/s" if rate else "", sep="")
+    for length, layers in timing["attention_backend"].items():
+      groups: dict[str, list[str]] = {}   # Layers that ran the same way, once.
+      for layer, why in layers.items():
+        groups.setdefault(why, []).append(layer.removeprefix("layer_"))
+      print(f"[attention] L={length}: " + "; ".join(
+          f"layers {','.join(ids)}: {why}" for why, ids in groups.items()))
   print("  ".join(f"{k}={v}" for k, v in summary.items()))
   if results.get("preempted"):
     sys.exit(143)  # 128 + SIGTERM: the scheduler sees a preempted, resumable job.

@@ -7,6 +7,8 @@ the structure method's `default_config()`), so each default lives in one place.
 Sections:
   init_from     "" (random init) | "minilm" (the bundled pretrained MiniLM) | a Hugging Face
                 BERT directory | "run:<workdir>" (the latest checkpoint of another run).
+  extend_positions  "auto" | "copy" | "off": data.max_len past the checkpoint's position
+                embeddings (copy the learned ones repeatedly, Longformer's recipe).
   model         BertConfig field overrides (dropout, attention_backend, dtype, and for
                 random init the sizes); unknown fields are an error.
   data          see sparse_attn/data/config.py.
@@ -42,6 +44,7 @@ from typing import Any
 
 import ml_collections
 
+from sparse_attn import attention
 from sparse_attn import checkpoint as ckpt_lib
 from sparse_attn import data as data_lib
 from sparse_attn import hostmem
@@ -54,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Every top-level key with its default (fine-tune MiniLM on offline Rotten Tomatoes)."""
   c = ml_collections.ConfigDict()
   c.init_from = "minilm"
+  # data.max_len beyond the checkpoint's position embeddings: "auto" extends them by
+  # copying the learned ones (Longformer's recipe, with a warning), "copy" does so
+  # silently, "off" makes it an error (pretrained.extend_positions).
+  c.extend_positions = "auto"
   # Every BertConfig field, None = "from init_from's config.json, else the default", so
   # that any field can be set from the command line (--config.model.hidden_dropout_prob=0).
   c.model = ml_collections.ConfigDict(_model_placeholders())
@@ -63,7 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
       source="none", pattern="", kwargs={}, layers=None, start_layer=0,
       remove_diagonal=False, combine="and",
       # Tokens every query may attend to in masked layers, e.g. ("[SEP]",).
-      sink_tokens=()))
+      sink_tokens=(),
+      # Exported masks into a longer run (or past their learned extent): "none" (an
+      # error) | "toeplitz" (masks of j - i: learned offsets kept, longer ones dropped).
+      extrapolate="none"))
   c.structure = ml_collections.ConfigDict(dict(method="none"))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -308,6 +318,10 @@ def check_values(c: ml_collections.ConfigDict) -> None:
   positions = c.model.get("max_position_embeddings")
   if positions is not None:
     check_max_len(c.data.max_len, positions)
+  backend = c.model.get("attention_backend")
+  known = ("auto", *sorted(attention.BACKENDS))
+  _require(backend is None or backend in known, "model.attention_backend", backend,
+           f"one of {known}")
   _require(c.export.block_size >= 1, "export.block_size", c.export.block_size, ">= 1")
 
 

@@ -45,7 +45,7 @@ def check_finite_metrics(metrics: dict[str, dict[str, float]], where: str) -> No
 
 
 def evaluate(eval_step, params, dataset, task, mesh, batch_size: int, frozen,
-             max_batches: int = 0) -> dict[str, float]:
+             max_batches: int = 0, structure=None) -> dict[str, float]:
   """Runs `eval_step` (`train_steps.make_eval_step`) over a split.
 
   Args:
@@ -57,18 +57,27 @@ def evaluate(eval_step, params, dataset, task, mesh, batch_size: int, frozen,
     batch_size: global batch size.
     frozen: the frozen structure (`learn.Frozen`) the model runs with.
     max_batches: stop after this many batches (0 = the whole split).
+    structure: the run structure: the frozen masks are prepared for the fast path
+      (`RunStructure.prepare`) once per length bucket; None passes them as they are.
 
   Returns:
     The task's official metrics, "loss", "density/layer_i", "attention_density" and
     "attention_sparsity".
   """
   preds, labels, weights, losses, density = [], [], [], [], []
+  prepared: dict[int, Any] = {}   # Length bucket -> the masks the backend runs.
   for i, batch in enumerate(dataset.batches(batch_size, shuffle=False, drop_remainder=False,
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count())):
     if max_batches and i >= max_batches:
       break
-    out = eval_step(params, sharding.global_batch(batch, mesh), frozen.masks, frozen.gates)
+    masks = frozen.masks
+    if structure is not None:
+      length = batch["input_ids"].shape[1]
+      if length not in prepared:
+        prepared[length] = structure.prepare(frozen.masks, length).masks
+      masks = prepared[length]
+    out = eval_step(params, sharding.global_batch(batch, mesh), masks, frozen.gates)
     out = jax.tree.map(_to_host, out)
     preds.append(out["predictions"])
     labels.append(out["labels"])
@@ -131,6 +140,6 @@ def evaluate_workdir(workdir: str | pathlib.Path, config=None, step: int | None 
       run.module, run.params["model"], example, mesh, sharding.rules_from_config(c.mesh.rules)))
   eval_step = jax.jit(make_eval_step(run.module, run.task, run.structure))
   out = {s: evaluate(eval_step, params, ds, run.task, mesh, c.train.eval_batch_size,
-                     run.frozen, c.train.max_eval_batches)
+                     run.frozen, c.train.max_eval_batches, structure=run.structure)
          for s, ds in eval_sets.items()}
   return out, run, run.frozen

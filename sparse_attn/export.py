@@ -8,10 +8,12 @@ when complete, so `out_dir` is never half-written):
                      source run, the method's own settings (lambda, temperature, ...)
   gates.json         per-layer gates (0 = sublayer or head pruned), when the run has any
   orbax/             an orbax checkpoint of the same masks (ocp.StandardCheckpointer)
-  flex/layer_i.npz   FlexAttention block form at block size b: kv_num_blocks, kv_indices,
-                     full_kv_num_blocks, full_kv_indices (BlockMask.from_kv_blocks)
+  flex/layer_i.npz   FlexAttention block form at block size b (at most the sequence
+                     length): kv_num_blocks, kv_indices, full_kv_num_blocks,
+                     full_kv_indices, BLOCK_SIZE, SEQ_LENGTHS (BlockMask.from_kv_blocks)
   splash/layer_i.npy Splash-ready per-head element masks (NumpyMask / MultiHeadMask)
   png/layer_i.png    heatmaps, one panel per head
+  LOADING.md         how to load these files into FlexAttention, Splash and another run
   .sparse_attn_export  marker: this directory is an export (and may be replaced)
 
 Safety: an existing `out_dir` is replaced only when it is an earlier export (it has the
@@ -112,9 +114,20 @@ def export_masks(frozen, out_dir: str | os.PathLike, *, block_size: int = 128,
   return sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MARKER)
 
 
+def flex_block_size(block_size: int, n: int) -> int:
+  """The FlexAttention tile for length n: `block_size`, or the largest power of two <= n
+  when the sequence is shorter (a tile longer than the sequence pads it for nothing)."""
+  b = int(block_size)
+  while b > n and b > 1:
+    b //= 2
+  return max(b, 1)
+
+
 def _write(d: pathlib.Path, arrays: dict[str, np.ndarray], frozen, block_size: int,
            heatmaps: bool) -> None:
   meta = dict(frozen.metadata)
+  if arrays:
+    block_size = flex_block_size(block_size, min(m.shape[-1] for m in arrays.values()))
   meta["export"] = {"block_size": block_size, "files": {
       "masks": "masks.npz", "flex": "flex/", "splash": "splash/", "orbax": "orbax/",
       "heatmaps": "png/" if heatmaps else None}}
@@ -138,6 +151,48 @@ def _write(d: pathlib.Path, arrays: dict[str, np.ndarray], frozen, block_size: i
              for i, g in enumerate(frozen.gates)}
     (d / "gates.json").write_text(json.dumps(gates, indent=1))
   (d / "metadata.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+  if arrays:
+    name = sorted(arrays)[0]
+    n = arrays[name].shape[-1]
+    (d / "LOADING.md").write_text(LOADING.format(name=name, n=n, b=block_size))
+
+
+LOADING = """# Loading these masks
+
+Every `layer_i` mask is bool [H, {n}, {n}], True = may attend (`masks.npz`).
+
+Another sparse_attn run: `--config.masks.source=<this directory>` (a longer run needs
+`--config.masks.extrapolate=toeplitz`, for masks that depend on j - i only).
+
+FlexAttention (PyTorch), e.g. {name}:
+
+```python
+import numpy as np, torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+f = np.load("flex/{name}.npz")
+m = torch.as_tensor(np.load("masks.npz")["{name}"])       # [H, {n}, {n}] bool
+mask_mod = lambda b, h, q, k: m[h if m.shape[0] > 1 else 0, q, k]
+block_mask = BlockMask.from_kv_blocks(
+    *(torch.as_tensor(f[k]) for k in ("kv_num_blocks", "kv_indices",
+                                      "full_kv_num_blocks", "full_kv_indices")),
+    BLOCK_SIZE=int(f["BLOCK_SIZE"]), mask_mod=mask_mod,
+    seq_lengths=tuple(int(x) for x in f["SEQ_LENGTHS"]))    # ({n}, {n}), tiles of {b}
+out = flex_attention(q, k, v, block_mask=block_mask)      # q, k, v: [B, H, {n}, D]
+```
+
+Splash attention (JAX, TPU), e.g. {name}:
+
+```python
+import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+masks = np.load("splash/{name}.npy")       # [H, L, L], L = {n} padded to whole tiles
+kernel = splash.make_splash_mha(
+    splash.MultiHeadMask([splash.NumpyMask(m) for m in masks]),
+    head_shards=1, q_seq_shards=1)
+# Pad q, k, v ([H, L, D] per example) to L tokens with zeros; slice the output back to
+# {n}. Splash tiles are multiples of 128: pad L up to one, with False rows and columns.
+```
+"""
 
 
 def _json_default(o: Any):

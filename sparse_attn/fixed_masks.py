@@ -60,16 +60,24 @@ def build(masks_cfg, bert_config, max_len: int) -> tuple | None:
   # The arrays' own length (load_exported checked it against metadata seq_len): slicing
   # below cuts masks to max_len, so shorter masks would only fail at the first long batch.
   n = min(m.shape[-1] for m in per_layer if m is not None)
-  if max_len > n:
+  learned = int(meta.get("learned_extent", {}).get("max_train_len", n))
+  rule = masks_cfg.get("extrapolate", "none")
+  if rule not in EXTRAPOLATE_RULES:
+    raise ValueError(f"masks.extrapolate={rule!r}: use one of {EXTRAPOLATE_RULES}.")
+  if max_len > n and rule == "none":
     raise ValueError(f"Masks in {source} were made for sequence length {n}; this run uses "
-                     f"data.max_len={max_len} > {n}. Set data.max_len <= {n} or learn masks "
-                     "at the longer length.")
+                     f"data.max_len={max_len} > {n}. Set data.max_len <= {n}, learn masks "
+                     "at the longer length, or set masks.extrapolate='toeplitz' (masks that "
+                     "depend on j - i only: offsets beyond the learned range are dropped).")
   out = []
   for i, m in enumerate(per_layer):
     if m is None:
       out.append(None)
       continue
-    m = np.asarray(m, bool)[..., :max_len, :max_len]
+    m = np.asarray(m, bool)
+    if rule == "toeplitz" and max_len > min(learned, n):
+      m = extrapolate_toeplitz(m, max_len, min(learned, n), f"layer {i} of {source}")
+    m = m[..., :max_len, :max_len]
     heads = bert_config.layer_heads(i)
     if m.shape[0] not in (1, heads):
       raise ValueError(f"Layer {i} mask in {source} has {m.shape[0]} heads; the model's "
@@ -78,6 +86,55 @@ def build(masks_cfg, bert_config, max_len: int) -> tuple | None:
       m = patterns.remove_diagonal(m)
     out.append(m)
   return tuple(out)
+
+
+EXTRAPOLATE_RULES = ("none", "toeplitz")
+
+
+def extrapolate_toeplitz(m_HxNxN: np.ndarray, length: int, learned: int,
+                         where: str = "the mask") -> np.ndarray:
+  """A mask that depends on j - i only, rebuilt at `length` from its learned offsets.
+
+  Leading global tokens (the first G rows and columns entirely kept, e.g. [CLS]) stay
+  global. Inside the learned extent (positions < `learned`), every diagonal must be
+  constant; an offset |j - i| >= learned - G was never learned, so it is dropped.
+
+  Args:
+    m_HxNxN: the exported bool mask.
+    length: the new length L.
+    learned: positions the mask was learned at (metadata `learned_extent.max_train_len`,
+      else N).
+    where: names the mask in errors.
+
+  Returns:
+    bool [H, L, L].
+
+  Raises:
+    ValueError: the mask is not Toeplitz within its learned extent (e.g. DAM_u).
+  """
+  h = m_HxNxN.shape[0]
+  t = m_HxNxN[:, :learned, :learned]
+  g = 0
+  while g < learned and t[:, g, :].all() and t[:, :, g].all():
+    g += 1
+  if g == learned:   # Everything kept: a band at least as wide as the extent, no globals.
+    g = 0
+  core = t[:, g:, g:]
+  if not np.array_equal(core[:, 1:, 1:], core[:, :-1, :-1]):
+    raise ValueError(f"masks.extrapolate='toeplitz': {where} does not depend on j - i only "
+                     "(apart from leading global tokens), so it has no offsets to extend; "
+                     "learn the mask at the longer length instead.")
+  r = core.shape[-1]
+  d = np.arange(-(r - 1), r)                  # Offsets j - i of the core.
+  first = np.maximum(0, -d)                   # Where each diagonal starts.
+  values = core[:, first, first + d]          # [H, 2r - 1], offset d at d + r - 1.
+  off = np.arange(length - g)[None, :] - np.arange(length - g)[:, None]
+  keep = np.abs(off) < r
+  out = np.zeros((h, length, length), bool)
+  out[:, g:, g:] = np.where(keep[None], values[:, np.clip(off + r - 1, 0, 2 * r - 2)], False)
+  out[:, :g, :] = True
+  out[:, :, :g] = True
+  return out
 
 
 def _on_layers(m, masks_cfg, n_layers):

@@ -54,7 +54,10 @@ class BertConfig:
   # What a layer without attention computes before its FFN: False = identity (x),
   # True = the sublayer's LayerNorm of x (LN(x + 0)).
   pruned_keep_layernorm: bool = False
-  attention_backend: str = "dense"
+  # 'auto': block-sparse mask objects run on the executor prepared for them, arrays on
+  # the dense reference (cuDNN for unmasked half precision on GPU); or one executor
+  # ('dense', 'blocksparse', 'splash', 'cudnn'). See sparse_attn.attention.
+  attention_backend: str = "auto"
   dtype: Any = jnp.float32        # Activation / matmul dtype.
   param_dtype: Any = jnp.float32
 

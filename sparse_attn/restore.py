@@ -29,6 +29,7 @@ from sparse_attn import config as config_lib
 from sparse_attn import data as data_lib
 from sparse_attn import learn
 from sparse_attn import model as model_lib
+from sparse_attn import predict as predict_lib
 from sparse_attn import pretrained
 from sparse_attn import structure as structure_lib
 
@@ -79,6 +80,9 @@ def build_model(config: ml_collections.ConfigDict, task: Any, *, weights: bool =
   if init_params is not None and "bert" not in init_params:
     init_params.pop("mlm_head", None)
     init_params = _apply_heads_per_layer(init_params, bert_config)
+  if kind in ("minilm", "hf"):   # Pretrained positions; runs keep their own.
+    bert_config, init_params = pretrained.extend_positions(
+        bert_config, init_params, int(config.data.max_len), config.extend_positions)
   head = model_lib.HEADS_BY_TASK[task.kind]
   module = head(bert_config) if task.kind == "mlm" else head(bert_config, task.num_labels)
   return bert_config, module, init_params if weights else None
@@ -145,6 +149,10 @@ class LoadedRun:
   params: Any
   frozen: learn.Frozen
   ckpt: ckpt_lib.Checkpointer
+
+  def predict(self, texts, **kwargs) -> list[dict]:
+    """Predictions on new texts, in input order (`sparse_attn.predict.predict`)."""
+    return predict_lib.predict(self, texts, **kwargs)
 
 
 def load_run(workdir: str | pathlib.Path, step: int | None = None, *,

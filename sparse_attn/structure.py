@@ -7,28 +7,54 @@ The train and eval steps see one object instead of loose values:
   s = structure.sample(params, rng, step, batch)              # one training step's inputs
   model.apply(..., masks=s.masks, gates=s.gates); loss += s.penalty
   frozen = structure.freeze(params, step=..., workdir=...)    # deterministic, host-side
-  masks, gates = structure.inputs(frozen, batch)              # evaluation / prediction
+  p = structure.prepare(frozen.masks, length)                 # once per length bucket
+  masks, gates = structure.inputs(frozen, batch, p)           # evaluation / prediction
 
 Inside: the learned masks are combined with the fixed ones (`masks.combine`), cut to the
 batch's length and given the batch's sink-token links (`masks.tree`), so the masks a step
-receives are ready for `BertModel.apply`. `prepare(frozen, length)` is where a frozen or
-fixed structure is turned into what the fast attention backend runs, once per length
-bucket (today it returns the masks cut to that length).
+receives are ready for `BertModel.apply`.
+
+The fast path: `prepare(masks, length)` turns frozen or fixed bool masks into what the
+attention backend runs (`attention.prepare_with_choice`: a `BlockSparseMask` where the
+policy says block-sparse pays, the bool array otherwise), on the host, once per length
+bucket. A structure without a learned method prepares its fixed masks the first time a
+step is traced at a length (`sample`), so training with fixed or exported masks runs
+block-sparse; evaluation prepares the frozen structure once per bucket and split.
+Masks learned while training (DAM logits, soft windows) are float and keep the dense,
+differentiable path. Sink links are per example, which a static block layout cannot
+express: runs with `masks.sink_tokens` keep the dense path, and say so.
+`executors` records, per length, which executor each layer ran and why.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax
 import numpy as np
 
+from sparse_attn import attention
 from sparse_attn import fixed_masks
 from sparse_attn import learn
 from sparse_attn.masks import stats, tree
 
 Array = jax.Array
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """A structure's masks for one length bucket, ready for the attention backend.
+
+  Attributes:
+    masks: per layer a `BlockSparseMask`, a bool array [H|1, L, L] or None (dense), or
+      None for a dense model.
+    executors: per layer "executor: reason" (what runs it and why).
+  """
+  masks: tuple | None
+  executors: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +69,12 @@ class RunStructure:
     sink_tokens: the same sinks as token strings (recorded in the frozen metadata).
     num_layers, num_heads: the model's layer count and (unpruned) heads per layer.
     max_len: n, the run's maximum sequence length (every mask is built at n x n).
+    max_train_len: the longest training example (tokens), if known: positions at or past
+      it were never trained, so `freeze` keeps no learned link there.
+    backend: the model's `attention_backend` ('auto', 'dense' or a block-sparse executor):
+      what `prepare` prepares for.
+    dtype, head_dim: the attention inputs' dtype and head size (the policy's inputs).
+    executors: {length: per layer "executor: reason"}, filled by `prepare`.
   """
   learned: learn.Structure | None
   fixed: tuple | None
@@ -52,6 +84,12 @@ class RunStructure:
   num_layers: int
   num_heads: int
   max_len: int
+  max_train_len: int | None = None
+  backend: str = "dense"
+  dtype: str = "float32"
+  head_dim: int | None = None
+  executors: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+  _fixed: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   @property
   def name(self) -> str:
@@ -80,23 +118,59 @@ class RunStructure:
       [B, H|1, L, L] when sinks apply), combined with the fixed masks.
     """
     if self.learned is None:
-      return learn.Sample(masks=self._for_batch(self.fixed, batch))
+      length = batch["input_ids"].shape[1]
+      if length not in self._fixed:   # Host side, once per length (at trace time).
+        self._fixed[length] = self.prepare(self.fixed, length)
+      return learn.Sample(masks=self._for_batch(self._fixed[length].masks, batch))
     s = self.learned.sample(params, rng, step, train)
     masks = tree.combine(self.fixed, s.masks, self.combine)
     return learn.Sample(masks=self._for_batch(masks, batch), gates=s.gates,
                         penalty=s.penalty, metrics=s.metrics)
 
   def inputs(self, frozen: learn.Frozen, batch: dict[str, Array]) -> tuple[Any, Any]:
-    """(masks, gates) of a frozen structure for `batch`: cut to its length, with sinks."""
+    """(masks, gates) of a frozen structure for `batch`: cut to its length, with sinks.
+
+    `frozen.masks` may be the run's n x n masks or what `prepare` made of them for this
+    batch's length (block-sparse objects pass through unchanged).
+    """
     return self._for_batch(frozen.masks, batch), frozen.gates
 
-  def prepare(self, frozen: learn.Frozen, length: int) -> Any:
-    """A frozen structure's masks for batches of `length` tokens (once per length bucket).
+  def prepare(self, masks: Any, length: int) -> Prepared:
+    """Frozen or fixed bool masks for batches of `length` tokens, ready for the backend.
 
-    The place where a frozen or fixed structure becomes what the attention backend runs;
-    today the per-layer masks cut to `length` (per-example sink links are added per batch).
+    Args:
+      masks: per-layer bool masks [H|1, n, n] (n >= length) / None, or None.
+      length: the batch length L (a length bucket).
+
+    Returns:
+      A `Prepared` (recorded in `executors[length]` and logged once per length).
     """
-    return tree.slice_to(frozen.masks, length)
+    n = self.num_layers
+    if masks is None:
+      prepared, why = None, ("dense: no mask",) * n
+    else:
+      cut = tree.slice_to(masks, length)
+      out, why = [], []
+      for m in cut:
+        if m is None:
+          out.append(None)
+          why.append("dense: no mask")
+        elif self.sink_ids or np.asarray(m).dtype != bool:
+          out.append(m)
+          why.append("dense: per-example sink links have no block-sparse form"
+                     if self.sink_ids else "dense: a relaxed (float) mask")
+        else:
+          obj, c = attention.prepare_with_choice(
+              np.asarray(m), executor=self.backend, dtype=np.dtype(self.dtype),
+              head_dim=self.head_dim)
+          out.append(obj)
+          why.append(f"{c.executor}: {c.reason}")
+      prepared = tuple(out)
+    if self.executors.get(length) != tuple(why):
+      log.info("attention at L=%d: %s", length, "; ".join(
+          f"layer {i}: {w}" for i, w in enumerate(why)))
+      self.executors[length] = tuple(why)
+    return Prepared(masks=prepared, executors=tuple(why))
 
   def _for_batch(self, masks: Any, batch: dict[str, Array]) -> Any:
     ids_BxL = batch["input_ids"]
@@ -117,6 +191,10 @@ class RunStructure:
     """
     learned = (self.learned.freeze(jax.device_get(params)) if self.learned is not None
                else None)
+    trained = self.max_train_len if learned and learned.masks is not None else None
+    if trained is not None and trained < self.max_len:
+      learned = dataclasses.replace(learned, masks=tuple(
+          None if m is None else _within(np.asarray(m, bool), trained) for m in learned.masks))
     masks = tree.combine(self.fixed, learned.masks if learned else None, self.combine)
     if masks is not None:
       masks = tuple(None if m is None else np.asarray(m, bool) for m in masks)
@@ -136,10 +214,23 @@ class RunStructure:
       meta["gates"] = [None if g is None else np.asarray(g).tolist() for g in gates]
     if learned:
       meta["learned"] = learned.metadata
+    if trained is not None:
+      meta["learned_extent"] = {
+          "max_train_len": int(trained),
+          "rule": "learned links at positions >= max_train_len (never reached by a "
+                  "training example, so never trained) are dropped"}
     if self.sink_ids:  # Token-defined links are not in the position masks: record them.
       meta["sink_tokens"] = list(self.sink_tokens)
       meta["sink_token_ids"] = list(self.sink_ids)
     return learn.Frozen(masks=masks, gates=gates, metadata=meta)
+
+
+def _within(m_HxNxN: np.ndarray, length: int) -> np.ndarray:
+  """A bool mask with every link at a query or key position >= `length` removed."""
+  out = m_HxNxN.copy()
+  out[..., length:, :] = False
+  out[..., :, length:] = False
+  return out
 
 
 def _layer_metadata(m_HxNxN: np.ndarray, n: int) -> dict[str, Any]:
@@ -174,4 +265,8 @@ def build(config: Any, bert_config: Any, tokenizer: Any = None,
       combine=config.masks.combine,
       sink_ids=tree.resolve_sinks(sink_tokens, tokenizer) if sink_tokens else (),
       sink_tokens=sink_tokens, num_layers=bert_config.num_hidden_layers,
-      num_heads=bert_config.num_attention_heads, max_len=max_len)
+      num_heads=bert_config.num_attention_heads, max_len=max_len,
+      max_train_len=(int(np.max(lengths)) if lengths is not None and len(lengths)
+                     else None),
+      backend=bert_config.attention_backend, dtype=np.dtype(bert_config.dtype).name,
+      head_dim=bert_config.hidden_size // bert_config.num_attention_heads)

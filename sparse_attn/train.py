@@ -89,7 +89,7 @@ class Run:
     frozen = self.frozen(state)
     out = {s: evaluation.evaluate(eval_step, state.params, ds, self.task, self.mesh,
                                   self.config.train.eval_batch_size, frozen,
-                                  self.config.train.max_eval_batches)
+                                  self.config.train.max_eval_batches, self.structure)
            for s, ds in self.eval_sets.items()}
     return out, frozen
 
@@ -236,7 +236,7 @@ def _train(run: Run, t_start: float) -> dict[str, Any]:
     def finite_on_one_batch(state):  # One evaluation batch, as the resumed run would see it.
       m = evaluation.evaluate(eval_step, state.params, run.eval_sets[main_split], run.task,
                               run.mesh, config.train.eval_batch_size, run.frozen(state),
-                              max_batches=1)
+                              max_batches=1, structure=run.structure)
       return math.isfinite(m["loss"])
     return divergence.keep_newest_finite(ckpt, config.optimizer, abstract,
                                          finite_on_one_batch, what, step)
@@ -268,12 +268,14 @@ def _train(run: Run, t_start: float) -> dict[str, Any]:
     return step, metrics
 
   results: dict[str, Any] = {}
+  timer = observe.StepTimer()
   pending = None  # (step, metrics) of the last dispatched step, fetched one step later.
   with _Preemption() as preempt:
     batches = run.train_ds.batches(config.train.batch_size, seed=config.data.seed,
                                    start_step=start, process_index=jax.process_index(),
                                    process_count=jax.process_count())
     for step in range(start, total_steps):
+      timer.tick()
       batch = sharding.global_batch(next(batches), run.mesh)
       state, metrics = train_step(state, batch, teacher_params)
       if pending is not None:
@@ -298,17 +300,26 @@ def _train(run: Run, t_start: float) -> dict[str, Any]:
         check(pending)
         out, frozen = run_eval(state)
         save(state, frozen, metrics=out[main_split])
+        timer.pause()
       elif config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0:
         check(pending)
         save(state)
+        timer.pause()
     else:
       if pending is not None:
         s, m = check(pending)
         writer.write(s, m)
+      t_eval = time.perf_counter()
       out, frozen = run_eval(state)
+      t_eval = time.perf_counter() - t_eval
       save(state, frozen, metrics=out[main_split], force=True)
       results.update(out)
       results["step"] = int(state.step)
+      results["timing"] = observe.timing_section(
+          timer, sum(min(len(ds), (config.train.max_eval_batches or len(ds))
+                         * config.train.eval_batch_size) for ds in run.eval_sets.values()),
+          t_eval,
+          run.structure.executors)
       if jax.process_index() == 0:
         _write_artifacts(run, frozen)
   ckpt.close()

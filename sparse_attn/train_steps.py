@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparse_attn import attention
 from sparse_attn import distill as distill_lib
 from sparse_attn import learn
 from sparse_attn.masks import tree
@@ -125,7 +126,12 @@ def _density_sum(masks, gates, batch, bert_config):
     if bert_config.layer_heads(i) == 0:
       out.append(jnp.zeros(()))
       continue
-    d_B = jnp.ones_like(w_B) if m is None else tree.density(jnp.asarray(m), valid_BxL)
+    if m is None:
+      d_B = jnp.ones_like(w_B)
+    elif isinstance(m, attention.BlockSparseMask):
+      d_B = m.density(valid_BxL, per_example=True)
+    else:
+      d_B = tree.density(jnp.asarray(m), valid_BxL)
     if gates is not None and gates[i] is not None:
       d_B = d_B * jnp.mean(jnp.asarray(gates[i], jnp.float32))  # Closed heads keep nothing.
     out.append(jnp.sum(d_B * w_B))
@@ -136,8 +142,9 @@ def make_eval_step(module, task, structure: RunStructure):
   """Returns eval_step(params, batch, masks, gates) -> predictions and loss sums.
 
   `masks` / `gates` are a frozen structure's (`learn.Frozen`): bool masks at the run's
-  maximum length, {0, 1} gates; `structure` cuts the masks to the batch's length and adds
-  its sink links.
+  maximum length or, on the fast path, what `structure.prepare` made of them for the
+  batch's length (block-sparse objects); {0, 1} gates. `structure` cuts array masks to the
+  batch's length and adds its sink links.
   """
   kind = task.kind
 

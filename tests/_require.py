@@ -41,3 +41,13 @@ def compiler() -> str:
   if cxx is None:
     unavailable("no C++ compiler")
   return cxx
+
+
+def torch():
+  """The `torch` module (CPU build); `unavailable` if it is not installed (CI installs
+  it, see .ci/run)."""
+  try:
+    import torch as torch_lib  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    unavailable("PyTorch not installed in this environment")
+  return torch_lib

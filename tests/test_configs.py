@@ -25,6 +25,8 @@ VARIANTS = {
                  "shift,warm=50"],
     "window.py": ["", "runlocal", "beta=3", "soft", "start=0", "global=0", "notarget",
                   "target=0.3", "bigbird,runlocal"],
+    "longdoc.py": ["", "runlocal", "pattern=longformer", "pattern=longformer,window=32,len=2048",
+                   "learned_window", "len=4096,steps=10"],
 }
 
 

@@ -149,3 +149,42 @@ def test_failed_export_keeps_the_earlier_export(tmp_path, monkeypatch):
   _, meta = fixed_masks.load_exported(out)
   assert meta["seq_len"] == 40
   assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+@pytest.mark.parametrize("n", [64, 50])
+def test_flex_export_runs_in_flex_attention_and_matches_ours(tmp_path, n):
+  """As a FlexAttention user would: the export's flex/ files and LOADING.md's recipe."""
+  import _require
+  torch = _require.torch()
+  flex = pytest.importorskip("torch.nn.attention.flex_attention")
+  import jax.numpy as jnp
+  from sparse_attn import attention
+  rng = np.random.default_rng(0)
+  heads, depth = 2, 8
+  mask = np.stack([patterns.window(n, 5), rng.random((n, n)) < 0.3])
+  mask[:, :, 0] = True                               # Every row keeps a key.
+  frozen = fixed_masks.FrozenStructure(
+      masks=(mask, None), metadata={"method": "fixed", "seq_len": n, "num_layers": 2,
+                                    "num_heads": heads})
+  out = tmp_path / "export"
+  export.export_masks(frozen, out, heatmaps=False)        # Default block 128 > n.
+  meta = json.loads((out / "metadata.json").read_text())
+  assert meta["export"]["block_size"] == (64 if n == 64 else 32)
+  assert "seq_lengths" in (out / "LOADING.md").read_text()
+  f = np.load(out / "flex" / "layer_0.npz")
+  assert tuple(f["SEQ_LENGTHS"]) == (n, n)
+  m = torch.as_tensor(np.load(out / "masks.npz")["layer_0"])
+  mask_mod = lambda b, h, q, k: m[h, q, k]
+  block_mask = flex.BlockMask.from_kv_blocks(
+      *(torch.as_tensor(f[k]) for k in ("kv_num_blocks", "kv_indices",
+                                        "full_kv_num_blocks", "full_kv_indices")),
+      BLOCK_SIZE=int(f["BLOCK_SIZE"]), mask_mod=mask_mod,
+      seq_lengths=tuple(int(x) for x in f["SEQ_LENGTHS"]))
+  q, k, v = (rng.standard_normal((1, heads, n, depth)).astype(np.float32) for _ in range(3))
+  theirs = flex.flex_attention(*(torch.as_tensor(x) for x in (q, k, v)),
+                               block_mask=block_mask).numpy()
+  to_bqhd = lambda x: jnp.asarray(np.transpose(x, (0, 2, 1, 3)))
+  ours = attention.dot_product_attention(to_bqhd(q), to_bqhd(k), to_bqhd(v),
+                                         mask=jnp.asarray(mask))
+  np.testing.assert_allclose(np.transpose(np.asarray(ours), (0, 2, 1, 3)), theirs,
+                             atol=2e-6)

@@ -160,9 +160,11 @@ def test_wrong_type_in_a_config_file_is_named():
 
 
 def test_max_len_past_the_pretrained_positions_fails_before_training(tmp_path):
-  """MiniLM has 512 positions; the check uses the loaded model's config."""
+  """MiniLM has 512 positions; with extend_positions='off' (no copying of the learned
+  ones) the check uses the loaded model's config."""
   c = _tiny.tiny_config({"data.max_len": 1024, "train.compilation_cache": ""})
   c.init_from = "minilm"
+  c.extend_positions = "off"
   c.model = {}
   with pytest.raises(errors.UserError, match="512 position embeddings"):
     train.train_and_evaluate(c, str(tmp_path / "run"))

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import _require
 from sparse_attn.masks import layout
 from sparse_attn.masks import patterns
 
@@ -112,8 +113,9 @@ def test_flex_block_form_reproduces_mask():
 
 
 def test_flex_block_mask_in_torch_when_available():
-  torch = pytest.importorskip("torch", reason="PyTorch not installed in this environment")
+  _require.torch()
   flex_mod = pytest.importorskip("torch.nn.attention.flex_attention")
+  import torch
   mask = patterns.window(256, 20)
   lay = layout.from_mask(mask, 128)
   f = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v

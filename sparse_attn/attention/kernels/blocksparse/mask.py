@@ -91,14 +91,16 @@ class BlockSparseMask:
     """The equivalent bool element mask [Bm, Hm, Q, K] (a constant)."""
     return jnp.asarray(self.plan.layout.to_element_mask())
 
-  def density(self, valid_BxL: Array) -> Array:
-    """Kept fraction of valid (query, key) pairs, as `model.mask_density` defines it.
+  def density(self, valid_BxL: Array, per_example: bool = False) -> Array:
+    """Kept fraction of valid (query, key) pairs, as `masks.tree.density` defines it.
 
     Args:
       valid_BxL: [B, L] bool, True for real tokens (L = Q = K).
+      per_example: return the [B] densities instead of their mean.
 
     Returns:
-      A float32 scalar: mean over examples of kept valid pairs / (Hm * valid pairs).
+      float32 [B] (per example: kept valid pairs / (Hm * valid pairs); 0 for an example
+      without a valid token), or its mean (a scalar).
     """
     plan = self.plan
     lay = plan.layout
@@ -120,7 +122,8 @@ class BlockSparseMask:
         gmf = jnp.broadcast_to(gm[0], (bb, hm, nq, b, gm[0].shape[-1])).astype(jnp.float32)
         kept = kept + jnp.einsum("bhiqn,bhiq,bhin->b", gmf, qvb, kvg)
     pairs = jnp.sum(valid, -1) ** 2
-    return jnp.mean(kept / (pairs * hm))
+    d_B = kept / (jnp.maximum(pairs, 1.0) * hm)
+    return d_B if per_example else jnp.mean(d_B)
 
 
 def row_has_key(obj: BlockSparseMask, key_valid: Array | None, batch: int) -> Array:

@@ -1,0 +1,69 @@
+"""Long documents: MiniLM on the Linux kernel's documentation by subsystem (`linux_docs`).
+
+MiniLM's 512 learned positions are extended to `len` by copying them (Longformer's
+recipe, `extend_positions="copy"`); batches are padded to length buckets (a quarter of
+`len` apart), so short documents take short steps. With `model.attention_backend="auto"`
+(the default) a fixed or exported mask runs block-sparse where the policy predicts it
+pays (logged, and recorded in results.json under `timing.attention_backend`).
+
+Command (CPU, 2 cores; see docs/results.md for the measured time and accuracy):
+  python train.py --config configs/longdoc.py --workdir runs/longdoc
+Variants (comma-separated argument):
+  pattern=longformer  band ±window (default 64) plus global [CLS], every layer: block-
+                      sparse on the fast path (window=W sets the band).
+  masks=DIR           a frozen exported mask (another run's <workdir>/masks): the second
+                      phase of a learned structure, on the fast path.
+  learned_window      learned neighbour widths (Breaking BERT), frozen at the end.
+  len=N               data.max_len (default 1024; 2048 and 4096 work too).
+  steps=N             training steps (default 120).
+  runlocal            a smoke test: a few steps on a few documents.
+Your own long documents: add `--config.data.source=files --config.data.task=mine
+--config.data.paths.train=train.csv --config.data.paths.validation=dev.csv` (CSV with
+`text` and `label` columns; see sparse_attn/data/config.py).
+"""
+
+from sparse_attn import config as config_lib
+from sparse_attn.learn import window as window_lib
+
+
+def get_config(arg: str | None = None):
+  args = config_lib.parse_arg(arg)
+  c = config_lib.base_config()
+  n = int(args.get("len", 1024))
+  c.extend_positions = "copy"
+  c.data.task = "linux_docs"
+  c.data.max_len = n
+  c.data.buckets = tuple(n * i // 4 for i in (1, 2, 3))
+  c.data.length_grouping = 20
+  c.optimizer.learning_rate = 1e-4
+  c.train.batch_size = 8
+  c.train.num_steps = int(args.get("steps", 120))
+  c.train.eval_batch_size = 16
+  c.train.log_every = 10
+  c.checkpoint.every_steps = 40
+  c.export.block_size = 64
+  if "pattern" in args:
+    if args["pattern"] != "longformer":
+      raise ValueError(f"configs/longdoc.py: pattern={args['pattern']!r}; use "
+                       "pattern=longformer (or configs/finetune.py for other patterns).")
+    c.masks.source = "pattern"
+    c.masks.pattern = "longformer"
+    c.masks.kwargs = {"window": int(args.get("window", 64)), "global_tokens": 1}
+  if "masks" in args:
+    c.masks.source = args["masks"]
+  if "learned_window" in args:
+    s = window_lib.default_config()
+    s.method = "learned_window"
+    s.per_head = True
+    s.max_width = 128
+    s.global_tokens = 1
+    s.target_density = 0.15
+    c.structure = s
+    c.optimizer.groups = config_lib.structure_groups(0.05)
+  if "runlocal" in args:
+    config_lib.apply_runlocal(c)
+    c.data.max_train_examples = 16
+    c.data.max_eval_examples = 16
+    c.train.batch_size = 4
+    c.train.eval_batch_size = 8
+  return c
