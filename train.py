@@ -21,6 +21,7 @@ def main(argv):
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   summary = {k: v for k, v in results.items() if not isinstance(v, dict)}
   timing = results.pop("timing", None)
+  masks = results.pop("masks", None)
   for split, metrics in results.items():
     if isinstance(metrics, dict):
       main = {k: v for k, v in metrics.items() if not k.startswith("density/")}
@@ -31,12 +32,20 @@ def main(argv):
     step_s, rate = timing["train_step_s"], timing["eval_examples_per_s"]
     print(f"[timing] train step {step_s:.3f} s (median)  " if step_s else "[timing] ",
           f"evaluation {rate:.1f} examples/s" if rate else "", sep="")
+    if (d := timing.get("dense_comparison")):
+      print(f"[timing] at L={d['length']}: train step {d['train_step_s']:.3f} s with this "
+            f"structure vs {d['dense_train_step_s']:.3f} s for the model dense: "
+            f"x{d['speedup_vs_dense']:.2f}")
     for length, layers in timing["attention_backend"].items():
       groups: dict[str, list[str]] = {}   # Layers that ran the same way, once.
       for layer, why in layers.items():
         groups.setdefault(why, []).append(layer.removeprefix("layer_"))
       print(f"[attention] L={length}: " + "; ".join(
           f"layers {','.join(ids)}: {why}" for why, ids in groups.items()))
+  if masks:
+    blocks = "  ".join(f"b={b}: {d:.3f}" for b, d in masks["block_density"].items())
+    print(f"[masks] element density {masks['element_density']:.3f} (n x n at "
+          f"n={masks['seq_len']})  block density {blocks}")
   print("  ".join(f"{k}={v}" for k, v in summary.items()))
   if results.get("preempted"):
     sys.exit(143)  # 128 + SIGTERM: the scheduler sees a preempted, resumable job.

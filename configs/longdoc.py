@@ -15,7 +15,7 @@ Variants (comma-separated argument):
                       phase of a learned structure, on the fast path.
   learned_window      learned neighbour widths (Breaking BERT), frozen at the end.
   len=N               data.max_len (default 1024; 2048 and 4096 work too).
-  steps=N             training steps (default 120).
+  steps=N             training steps (default 150, batch 4).
   runlocal            a smoke test: a few steps on a few documents.
 Your own long documents: add `--config.data.source=files --config.data.task=mine
 --config.data.paths.train=train.csv --config.data.paths.validation=dev.csv` (CSV with
@@ -36,9 +36,9 @@ def get_config(arg: str | None = None):
   c.data.buckets = tuple(n * i // 4 for i in (1, 2, 3))
   c.data.length_grouping = 20
   c.optimizer.learning_rate = 1e-4
-  c.train.batch_size = 8
-  c.train.num_steps = int(args.get("steps", 120))
-  c.train.eval_batch_size = 16
+  c.train.batch_size = 4                   # Dense attention at 1,024 tokens: ~12 GB here.
+  c.train.num_steps = int(args.get("steps", 150))
+  c.train.eval_batch_size = 8
   c.train.log_every = 10
   c.checkpoint.every_steps = 40
   c.export.block_size = 64

@@ -94,7 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
       # (XLA:CPU steps stop page-faulting their temporaries; more resident memory),
       # "default", or "auto" (reuse unless a TPU / GPU plugin is installed and
       # JAX_PLATFORMS does not start with cpu).
-      host_memory="auto"))
+      host_memory="auto",
+      # After training, time this many train steps of the run and of the same model dense
+      # on one batch of the longest bucket (sparse_attn.speed); 0 = off.
+      compare_dense_steps=0))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=200, keep=2, keep_best=1, async_save=True))
   c.distill = ml_collections.ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))
@@ -340,7 +343,8 @@ def check_max_len(max_len: int, positions: int) -> None:
 MAY_CHANGE_ON_RESUME = (
     "train.log_every", "train.eval_every", "train.eval_splits", "train.max_eval_batches",
     "train.eval_batch_size", "train.compilation_cache", "train.host_memory",
-    "train.num_steps", "train.num_epochs", "data.max_eval_examples", "checkpoint.",
+    "train.num_steps", "train.num_epochs", "train.compare_dense_steps",
+    "data.max_eval_examples", "checkpoint.",
     "export.", "mesh.", "distributed.", "optimizer.learning_rate",
     "optimizer.grad_clip_norm", "optimizer.warmup_fraction")
 

@@ -117,3 +117,17 @@ def timing_section(timer: StepTimer, eval_examples: int, eval_s: float,
           "eval_examples_per_s": eval_examples / eval_s if eval_s > 0 else None,
           "attention_backend": {str(length): {f"layer_{i}": w for i, w in enumerate(why)}
                                 for length, why in sorted(executors.items())}}
+
+
+def mask_summary(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+  """`results.json`'s `masks`: the frozen masks' element density and block density per
+  block size (means over the masked layers; the n x n accounting), or None without masks."""
+  layers = metadata.get("layers") or {}
+  if not layers:
+    return None
+  sizes = sorted({b for m in layers.values() for b in m.get("block_density", {})}, key=int)
+  return {"element_density": metadata.get("element_density"),
+          "block_density": {b: float(np.mean([m["block_density"][b] for m in layers.values()
+                                              if b in m.get("block_density", {})]))
+                            for b in sizes},
+          "seq_len": metadata.get("seq_len")}

@@ -160,9 +160,12 @@ class RunStructure:
           why.append("dense: per-example sink links have no block-sparse form"
                      if self.sink_ids else "dense: a relaxed (float) mask")
         else:
-          obj, c = attention.prepare_with_choice(
-              np.asarray(m), executor=self.backend, dtype=np.dtype(self.dtype),
-              head_dim=self.head_dim)
+          # Concrete device arrays even when called while a step is traced: the object
+          # is cached and reused by other traces.
+          with jax.ensure_compile_time_eval():
+            obj, c = attention.prepare_with_choice(
+                np.asarray(m), executor=self.backend, dtype=np.dtype(self.dtype),
+                head_dim=self.head_dim)
           out.append(obj)
           why.append(f"{c.executor}: {c.reason}")
       prepared = tuple(out)

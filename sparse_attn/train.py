@@ -44,6 +44,7 @@ from sparse_attn import lock as lock_lib
 from sparse_attn import model as model_lib
 from sparse_attn import observe
 from sparse_attn import sharding
+from sparse_attn import speed
 from sparse_attn import state as state_lib
 from sparse_attn import structure as structure_lib
 from sparse_attn.optim import make_optimizer
@@ -320,6 +321,11 @@ def _train(run: Run, t_start: float) -> dict[str, Any]:
                          * config.train.eval_batch_size) for ds in run.eval_sets.values()),
           t_eval,
           run.structure.executors)
+      if (masks := observe.mask_summary(frozen.metadata)) is not None:
+        results["masks"] = masks
+      if config.train.compare_dense_steps and start < total_steps:
+        results["timing"]["dense_comparison"] = speed.compare_with_dense(
+            run, state, batch, config.train.compare_dense_steps, config.data.max_len)
       if jax.process_index() == 0:
         _write_artifacts(run, frozen)
   ckpt.close()

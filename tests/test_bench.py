@@ -62,3 +62,16 @@ def test_keep_layers_outside_the_model_is_an_error(tmp_path):
   with pytest.raises(SystemExit, match="outside the model"):
     bench.main(["--out", str(tmp_path), "--quick", "--host-memory", "default",
                 "--only", "pruned", "--keep-layers", "5"])
+
+
+def test_quick_e2e_section(tmp_path):
+  bench.main(["--out", str(tmp_path), "--quick", "--host-memory", "default", "--only", "e2e"])
+  res = _check_outputs(tmp_path)
+  row = res["e2e"][0]
+  assert set(row["times"]) == {f"{v}/{m}" for m in ("infer", "train") for v in (
+      "dense", "masked", "auto", "no_attention_core")}
+  for mode in ("infer", "train"):
+    m = row[mode]
+    assert 0 <= m["attention_share"] <= 1 and m["amdahl_bound"] >= 1
+    assert m["of_bound"] == pytest.approx(m["speedup_vs_dense"] / m["amdahl_bound"])
+  assert "MiniLM on linux_docs" in (tmp_path / "results.md").read_text()

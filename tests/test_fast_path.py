@@ -14,7 +14,8 @@ from sparse_attn.masks import patterns
 
 # A band at length 32 with blocks of 8: the layout skips tiles (rho_block < 1).
 BAND = {"masks.source": "pattern", "masks.pattern": "window", "masks.kwargs": {"k": 3},
-        "train.num_steps": 20, "checkpoint.every_steps": 0, "data.buckets": [16]}
+        "train.num_steps": 20, "checkpoint.every_steps": 0, "data.buckets": [16],
+        "train.compare_dense_steps": 2}
 
 
 def _run(tmp_path, backend):
@@ -42,6 +43,15 @@ def test_block_sparse_run_equals_the_dense_run(tmp_path):
   assert all(w.startswith("dense:") for w in dense["timing"]["attention_backend"]["32"]
              .values())
   assert sparse["timing"]["train_step_s"] > 0 and sparse["timing"]["eval_examples_per_s"] > 0
+  # The step against the same model dense, timed at the longest bucket after training.
+  t = sparse["timing"]["dense_comparison"]
+  assert t["length"] == 32 and t["dense_train_step_s"] > 0
+  assert t["speedup_vs_dense"] == pytest.approx(t["dense_train_step_s"] / t["train_step_s"])
+  # The frozen masks' densities: element (n x n) and per block size.
+  assert sparse["masks"]["element_density"] == pytest.approx(
+      patterns.window(32, 3).mean(), abs=1e-6)
+  assert 0 < sparse["masks"]["block_density"]["16"] <= 1
+  assert dense["masks"] == sparse["masks"]
 
 
 def _structure(backend, sinks=()):

@@ -350,3 +350,22 @@ def test_target_density_pulls_the_expected_density_to_the_target(relaxation):
     window.make_structure(_cfg(density_over="data"), _bert(), N)
   with pytest.raises(ValueError, match="target_density"):
     window.make_structure(_cfg(target_density=1.5), _bert(), N)
+
+
+def test_block_size_rounds_the_frozen_band_to_whole_tiles():
+  from sparse_attn.masks import layout
+  n, b = 32, 8
+  c = _cfg(per_head=True, max_width=20, block_size=b)
+  s = window.make_structure(c, _bert(), n)
+  params = s.init(jax.random.key(0))
+  frozen = s.freeze(params)
+  for m in frozen.masks:
+    lay = layout.from_mask(m, b)
+    assert not (lay.block_mask == layout.PARTIAL).any()      # Whole tiles only.
+  widths = frozen.metadata["widths"]["layer_0"]
+  for h, w in enumerate(widths):
+    assert (frozen.masks[0][h] >= patterns.window(n, w)).all()   # Covers the learned band.
+  assert frozen.metadata["block_size"] == b
+  np.testing.assert_array_equal(patterns.block_band(16, 4, 5),
+                                np.abs(np.arange(16)[:, None] // 4
+                                       - np.arange(16)[None] // 4) <= 2)

@@ -13,19 +13,21 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sparse_attn import model as model_lib
 
 
-def model_fns(cfg, batch: int, length: int, masks, mesh=None
+def model_fns(cfg, batch: int, length: int, masks, mesh=None, ids=None
               ) -> tuple[Callable[[], Any], Callable[[], Any]]:
   """Jitted (inference, train step) thunks of BertForSequenceClassification.
 
-  The inputs are random token ids [batch, length] (and labels [batch], all 0); masks is
+  The inputs are `ids` [batch, length] (default: random token ids) and labels [batch],
+  all 0; masks is
   passed to the model as is (None, an [L, L] array, or a BlockSparseMask). The train step
   is AdamW (lr 1e-4, weight decay 0.01) on the cross-entropy, without dropout. With a
   mesh, the parameters and optimizer state are replicated and the batch is split over
   its "data" axis. Inference returns logits [batch, 2]; the train step (params, opt, loss).
   """
   net = model_lib.BertForSequenceClassification(cfg, num_labels=2)
-  ids = np.random.default_rng(1).integers(1, cfg.vocab_size, (batch, length)).astype(
-      np.int32)
+  if ids is None:
+    ids = np.random.default_rng(1).integers(1, cfg.vocab_size, (batch, length)).astype(
+        np.int32)
   labels = np.zeros((batch,), np.int32)
   params = jax.jit(lambda i: net.init(jax.random.PRNGKey(0), i))(ids[:1])["params"]
   tx = optax.adamw(1e-4, weight_decay=0.01)

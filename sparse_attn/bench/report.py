@@ -79,6 +79,24 @@ def _torch_table(rows: list[dict]) -> list[str]:
   return lines
 
 
+def _e2e_table(rows: list[dict]) -> list[str]:
+  lines = ["\n## MiniLM on linux_docs documents: dense vs the fast path (Longformer mask)\n",
+           "| L | B | step | dense ms | masked ms | auto ms | auto | rho_block | share f | "
+           "Amdahl bound | speed-up | of bound | auto / dense |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  ms = lambda t, k: f"{t[k]['median'] * 1e3:.0f}" if k in t else "skipped"
+  for r in rows:
+    for mode in ("infer", "train"):
+      t, m = r["times"], r.get(mode)
+      tail = (f"{m['attention_share']:.2f} | {m['amdahl_bound']:.2f} | "
+              f"{m['speedup_vs_dense']:.2f} | {m['of_bound']:.2f} | "
+              f"{m['auto_over_dense']:.2f}" if m else "- | - | - | - | -")
+      lines.append(f"| {r['L']} | {r['batch']} | {mode} | {ms(t, f'dense/{mode}')} | "
+                   f"{ms(t, f'masked/{mode}')} | {ms(t, f'auto/{mode}')} | {r['auto']} "
+                   f"(b={r['block_size']}) | {r['rho_block'] or 1:.3f} | {tail} |")
+  return lines
+
+
 def markdown(res: dict) -> str:
   """results.md: a heading, the machine line and one table per section present in res."""
   lines = ["# sparse_attn benchmark\n", f"Machine: {res['machine']}\n"]
@@ -90,6 +108,8 @@ def markdown(res: dict) -> str:
     lines += _pruned_table(res["pruned"])
   if res.get("torch"):
     lines += _torch_table(res["torch"])
+  if res.get("e2e"):
+    lines += _e2e_table(res["e2e"])
   return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from sparse_attn import assets
 from sparse_attn import model as model_lib
 from sparse_attn import pretrained
-from sparse_attn.bench import attention_alone, long_model, peers, pruned, report, timing
+from sparse_attn.bench import attention_alone, e2e, long_model, peers, pruned, report, timing
 
 
 def _minilm(quick: bool):
@@ -76,6 +76,12 @@ def run(args: argparse.Namespace, host_memory_reused: bool, argv: list[str]) -> 
     else:
       res["long_model"] = long_model.bench_long_model(
           4096, 128, 1, 4, 256, 4, args.block_size or 0, args.repeats, peak)
+  if "e2e" in sections:
+    if args.quick:
+      res["e2e"] = e2e.bench_e2e(minilm, [64], 8, 2, quick=True)
+    else:
+      res["e2e"] = e2e.bench_e2e(minilm, [int(x) for x in args.e2e_lengths.split(",")],
+                                 64, args.repeats)
   if "pruned" in sections:
     res["pruned"] = pruned.bench_pruned(minilm, "quick" if args.quick else "MiniLM-L6", lb,
                                         keep, 2 if args.quick else args.repeats, peak, mesh)

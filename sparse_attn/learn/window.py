@@ -90,12 +90,14 @@ def default_config() -> ml_collections.ConfigDict:
       target_density: None (penalty beta * density), or a density in (0, 1]: the penalty
         becomes beta * mean over learned layers (and heads) of |E[density] - target|, so a
         run asks for a sparsity instead of searching beta for it.
+      block_size: 0, or b: the frozen band is rounded up to whole b x b tiles
+        (`patterns.block_band`), so block-sparse kernels skip the rest.
   """
   return ml_collections.ConfigDict(dict(
       relaxation="gumbel_softmax", per_head=False, layers=None, max_width=None,
       candidates=None, temperature=1.0, temperature_final=None, anneal_steps=0, beta=0.1,
       global_tokens=0, random_keys=0, random_seed=0, include_self=True, init="widest",
-      init_prob=0.9, density_over="matrix", target_density=None))
+      init_prob=0.9, density_over="matrix", target_density=None, block_size=0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +273,7 @@ def _fields(n: int) -> dict[str, common.Field]:
       "init_prob": common.number(0.0, 1.0, low_open=True, high_open=True),
       "density_over": common.DENSITY_OVER,
       "target_density": common.TARGET_DENSITY,
+      "block_size": common.integer(0, n),
   }
 
 
@@ -412,7 +415,8 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
         w_H = np.asarray(cands)[np.argmax(p, axis=-1)]
       else:
         w_H = np.clip(np.floor(p), 0, c["max_width"]).astype(np.int64)
-      m = band_masks(w_H.astype(np.int64), n, c["include_self"]) | fixed_NxN
+      m = (patterns.block_band(n, c["block_size"], w_H.astype(np.int64)) if c["block_size"]
+           else band_masks(w_H.astype(np.int64), n, c["include_self"])) | fixed_NxN
       masks[i] = m
       per = [float(x) for x in m.mean(axis=(-2, -1))]
       widths[f"layer_{i}"] = ([int(x) for x in w_H] if c["per_head"] else int(w_H[0]))
@@ -434,6 +438,7 @@ def make_structure(structure_config: Any, bert_config: Any, seq_len: int,
         **({"valid_pair_densities": pair_densities} if pairs_NxN is not None else {}),
         "global_tokens": int(c["global_tokens"]), "random_keys": int(c["random_keys"]),
         "random_seed": int(c["random_seed"]), "include_self": bool(c["include_self"]),
+        "block_size": int(c["block_size"]),
     }
     return learn.Frozen(masks=tuple(masks), gates=None, metadata=metadata)
 

@@ -124,6 +124,27 @@ def logsparse(n: int) -> np.ndarray:
   return (dist == 0) | ((dist & (dist - 1)) == 0)
 
 
+def block_band(n: int, block: int, widths: int | np.ndarray) -> np.ndarray:
+  """A band of whole b x b tiles: query block I attends key blocks J with |I - J| <= K,
+  K = ceil(w / b) for an element half-width w (so the band covers |i - j| <= w and is
+  rounded up to the tiles it touches along the diagonal).
+
+  Args:
+    n: sequence length N.
+    block: the tile side b.
+    widths: element half-width(s) w >= 0, an int or an int array [...].
+
+  Returns:
+    bool mask_...xNxN.
+  """
+  _check_n(n)
+  _check_count("block", block, 1)
+  w = np.asarray(widths)
+  k = -(-w // block)                                   # ceil(w / b), per head.
+  blocks = np.arange(n) // block
+  return np.abs(blocks[:, None] - blocks[None, :]) <= k[..., None, None]
+
+
 def global_tokens(n: int, g: int | Sequence[int]) -> np.ndarray:
   """Global tokens: they attend to every key and every query attends to them.
 

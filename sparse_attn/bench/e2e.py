@@ -1,0 +1,109 @@
+"""Section (e): MiniLM at long lengths on real long documents, dense vs the fast path.
+
+At each length L (batch B = max(1, 4096 // L), so every row holds 4,096 tokens), MiniLM's
+architecture with positions extended to L runs `linux_docs` documents (the validation
+split, truncated or padded to L) as inference and as a train step:
+
+  dense              no mask (the baseline the speed-ups divide)
+  masked             the Longformer mask (band ±window + global [CLS]) on the dense reference
+  auto               the same mask prepared by the policy (`attention.prepare`): what
+                     attention_backend='auto' runs in training and evaluation
+  no_attention_core  attention replaced by q + k + v: the attention share f of the step
+
+Amdahl bound of a step: 1 / ((1 - f) + f * rho_block), f = 1 - t(no core) / t(dense);
+`of_bound` = (t(dense) / t(auto)) / bound. A step whose dense version would not fit in
+memory (estimated from the [B, H, L, L] score tensors it keeps) is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from sparse_attn import attention
+from sparse_attn.bench import timing
+from sparse_attn.bench.long_model import _noop_backend
+from sparse_attn.bench.model_steps import model_fns
+from sparse_attn.masks import patterns
+
+# Score tensors of [B, H, L, L] float32 the dense train step keeps per layer (measured:
+# MiniLM at L = 1024, B = 8 peaked above 24 GB).
+_KEPT_PER_LAYER = 6
+
+
+def _ram_bytes() -> int:
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def dense_fits(cfg, batch: int, length: int, train: bool) -> tuple[bool, float]:
+  """(whether the dense step fits in half of RAM, its estimated GB)."""
+  tensor = batch * cfg.num_attention_heads * length * length * 4
+  gb = tensor * (_KEPT_PER_LAYER * cfg.num_hidden_layers if train else 3) / 1e9
+  return gb * 1e9 < 0.5 * _ram_bytes(), gb
+
+
+def _document_ids(length: int, batch: int, quick: bool, vocab: int) -> np.ndarray:
+  if quick:
+    return np.random.default_rng(1).integers(1, vocab, (batch, length)).astype(np.int32)
+  from sparse_attn.data import linux_docs, text
+  tok = text.load_tokenizer()
+  docs = linux_docs.linux_docs("validation")
+  enc = text.encode_texts(tok, docs.texts[:batch * 4], length)
+  order = np.argsort(-enc.lengths, kind="stable")[:batch]     # The longest documents.
+  ids = np.zeros((batch, length), np.int32)
+  for r, i in enumerate(order):
+    row = enc.input_ids[enc.offsets[i]:enc.offsets[i + 1]]
+    ids[r, :len(row)] = row
+  return ids
+
+
+def bench_e2e(cfg, lengths, window: int, repeats: int, quick: bool = False) -> list[dict]:
+  """Rows per length: times of the variants in the module docstring, share, bound."""
+  attention.register_backend("bench_noop")(_noop_backend)
+  rows = []
+  for length in lengths:
+    batch = max(1, 4096 // length) if not quick else 2
+    c = dataclasses.replace(cfg, max_position_embeddings=max(length, 512),
+                            attention_backend="auto")
+    c_dense = dataclasses.replace(c, attention_backend="dense")
+    c_noop = dataclasses.replace(c, attention_backend="bench_noop")
+    mask = patterns.longformer(length, window, 1)
+    prepared, choice = attention.prepare_with_choice(mask, head_dim=c.head_dim)
+    ids = _document_ids(length, batch, quick, c.vocab_size)
+    variants = {"dense": (c, None), "masked": (c_dense, mask), "auto": (c, prepared),
+                "no_attention_core": (c_noop, None)}
+    row = {"L": length, "batch": batch, "window": window, "auto": choice.executor,
+           "auto_reason": choice.reason, "block_size": choice.block_size,
+           "rho_block": choice.block_density, "rho_elem": float(mask.mean()), "times": {},
+           "skipped": {}}
+    for mode in ("infer", "train"):
+      fits, gb = dense_fits(c, batch, length, mode == "train")
+      fns = {}
+      for name, (cc, m) in variants.items():
+        if name in ("dense", "masked") and not fits:
+          row["skipped"][f"{name}/{mode}"] = f"would need ~{gb:.0f} GB"
+          continue
+        inf, tr = model_fns(cc, batch, length, m, ids=ids)
+        fns[f"{name}/{mode}"] = inf if mode == "infer" else tr
+      row["times"].update(timing.interleaved(fns, repeats))
+      row[mode] = _summary(row["times"], mode, row["rho_block"] or 1.0)
+      print(f"[e2e] L={length} {mode}: " + ", ".join(
+          f"{k.split('/')[0]} {v['median'] * 1e3:.0f} ms" for k, v in row["times"].items()
+          if k.endswith(mode)) + (f"; {row[mode]}" if row[mode] else ""), flush=True)
+    rows.append(row)
+  return rows
+
+
+def _summary(t: dict, mode: str, rho: float) -> dict | None:
+  get = lambda k: t.get(f"{k}/{mode}", {}).get("median")
+  dense, auto, noop, masked = get("dense"), get("auto"), get("no_attention_core"), get("masked")
+  if dense is None:
+    return None
+  share = max(0.0, 1.0 - noop / dense)
+  bound = 1.0 / ((1.0 - share) + share * rho)
+  speedup = dense / auto
+  return {"attention_share": share, "amdahl_bound": bound, "speedup_vs_dense": speedup,
+          "of_bound": speedup / bound, "auto_over_dense": auto / dense,
+          "speedup_vs_masked": masked / auto if masked else None}
