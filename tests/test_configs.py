@@ -26,7 +26,8 @@ VARIANTS = {
     "window.py": ["", "runlocal", "beta=3", "soft", "start=0", "global=0", "notarget",
                   "target=0.3", "bigbird,runlocal"],
     "longdoc.py": ["", "runlocal", "pattern=longformer", "pattern=longformer,window=32,len=2048",
-                   "learned_window", "len=4096,steps=10"],
+                   "learned_window", "len=4096,steps=10", "dam", "dam,runlocal",
+                   "pattern=longformer,compare"],
 }
 
 

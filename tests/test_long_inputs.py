@@ -68,3 +68,21 @@ def test_build_model_extends_minilm_for_a_long_run():
   # The architecture alone (a restored run) gets the same length.
   cfg_only, _, none = restore.build_model(c, task, weights=False)
   assert none is None and cfg_only == cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("length", [1024, 2048, 4096])
+def test_long_lengths_train_and_evaluate_on_the_fast_path(tmp_path, length):
+  """(slow: a tiny model at 1,024-4,096 tokens with a Longformer mask, 2 steps.)"""
+  import json
+  workdir = tmp_path / "run"
+  _tiny.run(_tiny.train_cmd(workdir, {
+      "data.max_len": length, "data.buckets": [], "model.max_position_embeddings": length,
+      "masks.source": "pattern", "masks.pattern": "longformer",
+      "masks.kwargs": {"window": 32, "global_tokens": 1}, "train.num_steps": 2,
+      "train.batch_size": 2, "train.eval_batch_size": 2, "data.max_eval_examples": 4,
+      "checkpoint.every_steps": 0}))
+  results = json.loads((workdir / "results.json").read_text())
+  ran = results["timing"]["attention_backend"][str(length)]
+  assert all(w.startswith("blocksparse:") for w in ran.values()), ran
+  assert 0 < results["validation"]["attention_density"] < 0.2

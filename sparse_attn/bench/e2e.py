@@ -1,6 +1,6 @@
 """Section (e): MiniLM at long lengths on real long documents, dense vs the fast path.
 
-At each length L (batch B = max(1, 4096 // L), so every row holds 4,096 tokens), MiniLM's
+At each length L (batch B = max(1, 2048 // L): 2,048 tokens a batch up to L = 2048), MiniLM's
 architecture with positions extended to L runs `linux_docs` documents (the validation
 split, truncated or padded to L) as inference and as a train step:
 
@@ -64,7 +64,7 @@ def bench_e2e(cfg, lengths, window: int, repeats: int, quick: bool = False) -> l
   attention.register_backend("bench_noop")(_noop_backend)
   rows = []
   for length in lengths:
-    batch = max(1, 4096 // length) if not quick else 2
+    batch = max(1, 2048 // length) if not quick else 2
     c = dataclasses.replace(cfg, max_position_embeddings=max(length, 512),
                             attention_backend="auto")
     c_dense = dataclasses.replace(c, attention_backend="dense")
