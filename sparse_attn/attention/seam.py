@@ -39,6 +39,7 @@ from sparse_attn.attention import dense
 from sparse_attn.attention.kernels import cudnn, splash
 from sparse_attn.attention.kernels.blocksparse import executor as blocksparse_executor
 from sparse_attn.attention.kernels.blocksparse.mask import BlockSparseMask
+from sparse_attn.attention.kernels.blocksparse.plan import check_layout
 
 Array = jax.Array
 # An executor: (query [B,Q,H,D], key, value [B,K,H,D], *, mask: None | Array |
@@ -173,15 +174,7 @@ def _check_mask(query: Array, key: Array, mask: Any, key_valid: Array | None) ->
   b, q, h, _ = query.shape
   k = key.shape[1]
   if isinstance(mask, BlockSparseMask):
-    lay = mask.layout
-    if (q, k) != (lay.q_len, lay.k_len):
-      raise ValueError(f"The block layout is for Q={lay.q_len}, K={lay.k_len}; got query "
-                       f"length {q} and key length {k}. Build the layout at the model's "
-                       "sequence length.")
-    lbm, lhm = lay.block_mask.shape[:2]
-    if lbm not in (1, b) or lhm not in (1, h):
-      raise ValueError(f"The block layout has batch x heads {lbm} x {lhm}, which does not "
-                       f"broadcast to {b} x {h}.")
+    check_layout(mask.layout, b, q, k, h)
   elif mask is not None:
     dense.check_mask_shape(mask.shape, b, h, q, k)
     dense.check_mask_dtype(mask)

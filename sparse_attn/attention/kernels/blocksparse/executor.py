@@ -33,7 +33,7 @@ import numpy as np
 
 from sparse_attn.attention.kernels import cpu as cpu_kernel
 from sparse_attn.attention.kernels.blocksparse.plan import (
-    Group, Plan, device_masks, slot_keys, slot_keys_transpose)
+    Group, Plan, check_layout, device_masks, slot_keys, slot_keys_transpose)
 
 Array = jax.Array
 _NEG = float(np.finfo(np.float32).min)
@@ -200,14 +200,7 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
   lay = plan.layout
   bsz, q_len, h, depth = query.shape
   k_len = key.shape[1]
-  if (q_len, k_len) != (lay.q_len, lay.k_len):
-    raise ValueError(f"The block layout is for Q={lay.q_len}, K={lay.k_len}; got query "
-                     f"length {q_len} and key length {k_len}. Build the layout at the "
-                     "model's sequence length.")
-  lbm, lhm = lay.block_mask.shape[:2]
-  if lbm not in (1, bsz) or lhm not in (1, h):
-    raise ValueError(f"The block layout has batch x heads {lbm} x {lhm}, which does not "
-                     f"broadcast to {bsz} x {h}.")
+  check_layout(lay, bsz, q_len, k_len, h)
   rate = float(dropout_rate) if dropout_rng is not None else 0.0
   if key_valid is not None and key_valid.shape != (bsz, k_len):
     raise ValueError(f"key_valid has shape {key_valid.shape}; expected [B, K] = "

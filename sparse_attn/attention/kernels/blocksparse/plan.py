@@ -207,3 +207,16 @@ def device_masks(plan: Plan) -> tuple[tuple[Array, Array] | None, ...]:
   mask_t bool [Bm, Hm, NQ, N, b|1]) per group, None for groups whose tiles are all full."""
   return tuple(None if g.mask is None else (jnp.asarray(g.mask), jnp.asarray(g.mask_t))
                for g in plan.groups)
+
+
+def check_layout(lay: layout_lib.BlockLayout, batch: int, q_len: int, k_len: int,
+                 heads: int) -> None:
+  """Raises ValueError unless a layout serves inputs of B x H heads and Q x K tokens."""
+  if (q_len, k_len) != (lay.q_len, lay.k_len):
+    raise ValueError(f"The block layout is for Q={lay.q_len}, K={lay.k_len}; got query "
+                     f"length {q_len} and key length {k_len}. Build the layout at the "
+                     "model's sequence length.")
+  lbm, lhm = lay.block_mask.shape[:2]
+  if lbm not in (1, batch) or lhm not in (1, heads):
+    raise ValueError(f"The block layout has batch x heads {lbm} x {lhm}, which does not "
+                     f"broadcast to {batch} x {heads}.")
