@@ -26,7 +26,8 @@ def main(argv):
     if isinstance(metrics, dict):
       main = {k: v for k, v in metrics.items() if not k.startswith("density/")}
       print(f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(main.items())))
-      per_layer = [f"{metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("density/")]
+      per_layer = [f"{metrics[f'density/layer_{i}']:.3f}"
+                   for i in range(sum(k.startswith("density/") for k in metrics))]
       print(f"[{split}] attention density per layer (valid pairs): {' '.join(per_layer)}")
   if timing:
     step_s, rate = timing["train_step_s"], timing["eval_examples_per_s"]
@@ -44,8 +45,10 @@ def main(argv):
           f"layers {','.join(ids)}: {why}" for why, ids in groups.items()))
   if masks:
     blocks = "  ".join(f"b={b}: {d:.3f}" for b, d in masks["block_density"].items())
-    print(f"[masks] element density {masks['element_density']:.3f} (n x n at "
-          f"n={masks['seq_len']})  block density {blocks}")
+    over_pairs = "  ".join(f"{d:.4f} over {split}'s valid pairs (as reported)"
+                           for split, d in masks["reported_density"].items())
+    print(f"[masks] exported density: {over_pairs}  {masks['element_density']:.4f} over the "
+          f"n x n matrix (n={masks['seq_len']})  block density {blocks}")
   print("  ".join(f"{k}={v}" for k, v in summary.items()))
   if results.get("preempted"):
     sys.exit(143)  # 128 + SIGTERM: the scheduler sees a preempted, resumable job.

@@ -6,6 +6,7 @@ attention density over valid (non-padding) pairs, per layer and over all layers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 from typing import Any
@@ -97,6 +98,40 @@ def evaluate(eval_step, params, dataset, task, mesh, batch_size: int, frozen,
   return metrics
 
 
+ACCOUNTING = ("mean over the split's examples of kept / valid (query, key) pairs, heads "
+              "averaged, then the mean over layers (a dense layer counts 1, a layer without "
+              "attention 0); recompute it from masks.npz with "
+              "sum(masks.stats.pair_weights(lengths, n) * mask.mean(0))")
+
+
+def with_reported_density(frozen: Any, metrics: dict[str, dict[str, float]]) -> Any:
+  """`frozen` with the density its evaluation reported recorded in its metadata.
+
+  An exported mask then carries both accountings: `element_density` (the n x n matrix) and
+  `reported_density` (per split: `attention_density` and the per-layer values over the
+  split's valid pairs, the numbers the run printed), so the export and the report agree.
+
+  Args:
+    frozen: the `learn.Frozen` the metrics were computed with.
+    metrics: per split, `evaluate`'s metrics.
+
+  Returns:
+    A `learn.Frozen` with `metadata["reported_density"]`.
+  """
+  reported = {"accounting": ACCOUNTING}
+  for split, m in metrics.items():
+    reported[split] = {
+        "attention_density": float(m["attention_density"]),
+        "per_layer": [float(m[k]) for k in sorted(m, key=_layer_index)
+                      if k.startswith("density/")]}
+  return dataclasses.replace(frozen, metadata=dict(frozen.metadata,
+                                                   reported_density=reported))
+
+
+def _layer_index(key: str) -> int:
+  return int(key.rsplit("_", 1)[-1]) if key.startswith("density/layer_") else -1
+
+
 def _to_host(x):
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
@@ -142,4 +177,4 @@ def evaluate_workdir(workdir: str | pathlib.Path, config=None, step: int | None 
   out = {s: evaluate(eval_step, params, ds, run.task, mesh, c.train.eval_batch_size,
                      run.frozen, c.train.max_eval_batches, structure=run.structure)
          for s, ds in eval_sets.items()}
-  return out, run, run.frozen
+  return out, run, with_reported_density(run.frozen, out)

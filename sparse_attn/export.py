@@ -161,8 +161,15 @@ LOADING = """# Loading these masks
 
 Every `layer_i` mask is bool [H, {n}, {n}], True = may attend (`masks.npz`).
 
+Densities in `metadata.json`, two accountings: `element_density` is the kept fraction of
+the whole {n} x {n} matrix; `reported_density` is what the run's evaluation reported, per
+split, over each example's valid (non-padding) pairs (short examples see only the top-left
+corner). Recompute the latter for your own lengths with
+`sum(sparse_attn.masks.stats.pair_weights(lengths, {n}) * mask.mean(0))`.
+
 Another sparse_attn run: `--config.masks.source=<this directory>` (a longer run needs
-`--config.masks.extrapolate=toeplitz`, for masks that depend on j - i only).
+`--config.masks.extrapolate=toeplitz`, for masks that depend on j - i only, or on
+block offsets j // b - i // b: block DAM_s, windows rounded to whole tiles).
 
 FlexAttention (PyTorch), e.g. {name}:
 

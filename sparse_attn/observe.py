@@ -120,8 +120,10 @@ def timing_section(timer: StepTimer, eval_examples: int, eval_s: float,
 
 
 def mask_summary(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
-  """`results.json`'s `masks`: the frozen masks' element density and block density per
-  block size (means over the masked layers; the n x n accounting), or None without masks."""
+  """`results.json`'s `masks`: the frozen (and exported) masks' element density and block
+  density per block size (means over the masked layers; the n x n accounting), and the
+  density evaluation reported for them per split (`reported_density`: over each split's
+  valid pairs, as `evaluation.with_reported_density` recorded it); None without masks."""
   layers = metadata.get("layers") or {}
   if not layers:
     return None
@@ -130,4 +132,7 @@ def mask_summary(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
           "block_density": {b: float(np.mean([m["block_density"][b] for m in layers.values()
                                               if b in m.get("block_density", {})]))
                             for b in sizes},
-          "seq_len": metadata.get("seq_len")}
+          "seq_len": metadata.get("seq_len"),
+          "reported_density": {split: r["attention_density"] for split, r
+                               in (metadata.get("reported_density") or {}).items()
+                               if isinstance(r, dict)}}

@@ -92,7 +92,7 @@ class Run:
                                   self.config.train.eval_batch_size, frozen,
                                   self.config.train.max_eval_batches, self.structure)
            for s, ds in self.eval_sets.items()}
-    return out, frozen
+    return out, evaluation.with_reported_density(frozen, out)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,

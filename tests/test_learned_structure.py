@@ -37,6 +37,31 @@ def test_dam_run_exports_masks_and_reports_sparsity(dam_run):
   assert meta["method"] == "dam_s" and meta["seq_len"] == 32 and meta["num_layers"] == 2
 
 
+def test_exported_density_is_the_reported_density(dam_run):
+  """The export carries the run's reported density, and its masks, applied to the dev
+  examples' lengths, give that same number (each layer, and the mean)."""
+  from sparse_attn import data as data_lib
+  from sparse_attn.masks import stats
+  workdir, results = dam_run
+  m = results["validation"]
+  meta = json.loads((workdir / "masks" / "metadata.json").read_text())
+  reported = meta["reported_density"]["validation"]
+  assert reported["attention_density"] == pytest.approx(m["attention_density"], abs=1e-7)
+  assert results["masks"]["reported_density"]["validation"] == reported["attention_density"]
+  assert results["masks"]["element_density"] == meta["element_density"]
+  _, loaded, _ = train.evaluate_workdir(workdir)
+  lengths = data_lib.build_dataset(loaded.config.data, "validation",
+                                   tokenizer=loaded.tokenizer).lengths
+  arrays = np.load(workdir / "masks" / "masks.npz")
+  weights = stats.pair_weights(lengths, meta["seq_len"])
+  per_layer = [float(np.sum(weights * arrays[f"layer_{i}"].mean(0))) for i in range(2)]
+  np.testing.assert_allclose(per_layer, reported["per_layer"], atol=1e-6)
+  assert np.mean(per_layer) == pytest.approx(m["attention_density"], abs=1e-6)
+  # The other accounting, the n x n matrix, is the arrays' plain mean.
+  assert np.mean([arrays[k].mean() for k in arrays]) == pytest.approx(
+      meta["element_density"], abs=1e-9)
+
+
 def test_export_import_round_trip_is_exact(dam_run, tmp_path):
   """A run started from exported masks computes bit-identical masks and the same metric."""
   workdir, results = dam_run
