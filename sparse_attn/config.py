@@ -72,7 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
       # Tokens every query may attend to in masked layers, e.g. ("[SEP]",).
       sink_tokens=(),
       # Exported masks into a longer run (or past their learned extent): "none" (an
-      # error) | "toeplitz" (masks of j - i: learned offsets kept, longer ones dropped).
+      # error) | "toeplitz" (masks of j - i, or of block offsets j // b - i // b:
+      # learned offsets kept, longer ones dropped).
       extrapolate="none"))
   c.structure = ml_collections.ConfigDict(dict(method="none"))
 

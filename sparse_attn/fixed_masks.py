@@ -95,9 +95,12 @@ def extrapolate_toeplitz(m_HxNxN: np.ndarray, length: int, learned: int,
                          where: str = "the mask") -> np.ndarray:
   """A mask that depends on j - i only, rebuilt at `length` from its learned offsets.
 
-  Leading global tokens (the first G rows and columns entirely kept, e.g. [CLS]) stay
-  global. Inside the learned extent (positions < `learned`), every diagonal must be
-  constant; an offset |j - i| >= learned - G was never learned, so it is dropped.
+  Also block-Toeplitz masks (block DAM_s, windows rounded to whole tiles): a mask that
+  depends on j // b - i // b only, for the finest power of two b that fits (b = 1 is the
+  element case). Leading global tokens (the first G rows and columns entirely kept,
+  e.g. [CLS]) stay global. Inside the learned extent (positions < `learned`), every
+  (block) diagonal must be constant; an offset never reached inside the extent was never
+  learned, so it is dropped.
 
   Args:
     m_HxNxN: the exported bool mask.
@@ -110,7 +113,7 @@ def extrapolate_toeplitz(m_HxNxN: np.ndarray, length: int, learned: int,
     bool [H, L, L].
 
   Raises:
-    ValueError: the mask is not Toeplitz within its learned extent (e.g. DAM_u).
+    ValueError: the mask is not (block-)Toeplitz within its learned extent (e.g. DAM_u).
   """
   h = m_HxNxN.shape[0]
   t = m_HxNxN[:, :learned, :learned]
@@ -120,21 +123,42 @@ def extrapolate_toeplitz(m_HxNxN: np.ndarray, length: int, learned: int,
   if g == learned:   # Everything kept: a band at least as wide as the extent, no globals.
     g = 0
   core = t[:, g:, g:]
-  if not np.array_equal(core[:, 1:, 1:], core[:, :-1, :-1]):
-    raise ValueError(f"masks.extrapolate='toeplitz': {where} does not depend on j - i only "
-                     "(apart from leading global tokens), so it has no offsets to extend; "
-                     "learn the mask at the longer length instead.")
-  r = core.shape[-1]
-  d = np.arange(-(r - 1), r)                  # Offsets j - i of the core.
-  first = np.maximum(0, -d)                   # Where each diagonal starts.
-  values = core[:, first, first + d]          # [H, 2r - 1], offset d at d + r - 1.
-  off = np.arange(length - g)[None, :] - np.arange(length - g)[:, None]
-  keep = np.abs(off) < r
+  for b in 2 ** np.arange(max(int(learned).bit_length(), 1)):
+    values = _diagonal_values(core, g, int(b))
+    if values is not None:
+      b = int(b)
+      break
+  else:
+    raise ValueError(f"masks.extrapolate='toeplitz': {where} does not depend on j - i (or "
+                     "on j // b - i // b for a power of two b) only, apart from leading "
+                     "global tokens, so it has no offsets to extend; learn the mask at the "
+                     "longer length instead.")
+  lo = (g // b) - ((learned - 1) // b)        # The learned block offsets: lo .. -lo.
+  blocks = np.arange(g, length) // b
+  off = blocks[None, :] - blocks[:, None]     # [L - G, L - G] block offsets j - i.
+  keep = (off >= lo) & (off <= -lo)
   out = np.zeros((h, length, length), bool)
-  out[:, g:, g:] = np.where(keep[None], values[:, np.clip(off + r - 1, 0, 2 * r - 2)], False)
+  out[:, g:, g:] = np.where(keep[None], values[:, np.clip(off - lo, 0, -2 * lo)], False)
   out[:, :g, :] = True
   out[:, :, :g] = True
   return out
+
+
+def _diagonal_values(core_HxRxR: np.ndarray, g: int, b: int) -> np.ndarray | None:
+  """[H, 2D + 1]: the value of each block offset d = -D .. D (positions g.. in absolute
+  blocks of b), or None when the core is not constant along its block diagonals."""
+  r = core_HxRxR.shape[-1]
+  blocks = np.arange(g, g + r) // b
+  off = blocks[None, :] - blocks[:, None]
+  lo = int(off.min())
+  # One representative pair per offset: row 0 for d >= 0, column 0 for d < 0.
+  first_col = np.searchsorted(blocks, blocks[0] + np.arange(-lo + 1))
+  first_row = np.searchsorted(blocks, blocks[0] + np.arange(1, -lo + 1))
+  values = np.concatenate([core_HxRxR[:, first_row[::-1], 0],
+                           core_HxRxR[:, 0, first_col]], axis=1)
+  if not np.array_equal(values[:, off - lo], core_HxRxR):
+    return None
+  return values
 
 
 def _on_layers(m, masks_cfg, n_layers):

@@ -97,3 +97,32 @@ def test_a_mask_that_is_not_toeplitz_cannot_be_extrapolated(tmp_path):
   src = _export(tmp_path, [rnd, rnd])
   with pytest.raises(ValueError, match="does not depend on j - i"):
     fixed_masks.build(_cfg(src, "toeplitz"), BERT, 20)
+
+
+def _block_dam_s(n, b, keep_offsets, heads=4):
+  """A block DAM_s mask as freezing builds it: per head, the kept block offsets (of
+  j // b - i // b), OR the global [CLS] row and column."""
+  from sparse_attn.learn import dam_masks
+  blocks = np.arange(n) // b
+  off = blocks[None, :] - blocks[:, None]
+  m = np.stack([np.isin(off, keep_offsets[h % len(keep_offsets)]) for h in range(heads)])
+  m[:, 0, :] = m[:, :, 0] = True
+  assert np.array_equal(np.abs(off), dam_masks.toeplitz_index(n, block_size=b))
+  return m
+
+
+def test_block_toeplitz_masks_extend_by_block_offsets(tmp_path):
+  """A block DAM_s mask (one logit per head and block offset, [CLS] global) learned at 32
+  tokens extends to 56 with the same kept block offsets; offsets past the learned range
+  (|d| > 3 blocks of 8) are dropped."""
+  keep = [[0], [0, 1, -1], [2, -3], [0, 3]]
+  m = _block_dam_s(32, 8, keep)
+  src = _export(tmp_path, [m, m])
+  out = fixed_masks.build(_cfg(src, "toeplitz"), BERT, 56)
+  np.testing.assert_array_equal(out[0], _block_dam_s(56, 8, keep))
+  np.testing.assert_array_equal(out[1][:, :32, :32], m)
+  # One flipped tile breaks the block structure: refused, not guessed.
+  m2 = m.copy()
+  m2[1, 16:24, 8:16] = ~m2[1, 16:24, 8:16]
+  with pytest.raises(ValueError, match="does not depend on j - i"):
+    fixed_masks.build(_cfg(_export(tmp_path / "x", [m2, m2]), "toeplitz"), BERT, 56)
