@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from sparse_attn import bench
@@ -75,3 +76,28 @@ def test_quick_e2e_section(tmp_path):
     assert 0 <= m["attention_share"] <= 1 and m["amdahl_bound"] >= 1
     assert m["of_bound"] == pytest.approx(m["speedup_vs_dense"] / m["amdahl_bound"])
   assert "MiniLM on linux_docs" in (tmp_path / "results.md").read_text()
+
+
+def test_quick_e2e_section_times_a_frozen_learned_mask(tmp_path):
+  """--e2e-learned: an exported block DAM_s mask (learned at 32 tokens) extended to the
+  section's 64 by its block offsets, prepared per layer and timed next to dense."""
+  from sparse_attn import export, learn
+  blocks = np.arange(32) // 16
+  off = blocks[None, :] - blocks[:, None]
+  m = np.stack([off == 0, np.abs(off) <= 1])           # [2 heads, 32, 32]
+  m[:, 0, :] = m[:, :, 0] = True
+  meta = {"method": "dam_s", "seq_len": 32, "num_layers": 2, "num_heads": 2}
+  export.export_masks(learn.Frozen(masks=(m, m), metadata=meta), tmp_path / "masks")
+  bench.main(["--out", str(tmp_path / "b"), "--quick", "--host-memory", "default",
+              "--only", "e2e", "--e2e-learned", str(tmp_path / "masks")])
+  res = _check_outputs(tmp_path / "b")
+  row = res["e2e"][0]
+  assert {"learned/infer", "learned/train"} <= set(row["times"])
+  assert row["learned"]["rho_elem"] == pytest.approx(
+      np.mean([(np.abs(np.arange(64)[None] // 16 - np.arange(64)[:, None] // 16) <= d)
+               | (np.arange(64)[None] == 0) | (np.arange(64)[:, None] == 0)
+               for d in (0, 1)]))
+  for mode in ("infer", "train"):
+    m = row[mode]["learned"]
+    assert m["of_bound"] == pytest.approx(m["speedup_vs_dense"] / m["amdahl_bound"])
+  assert "frozen learned mask" in (tmp_path / "b" / "results.md").read_text()

@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="comma list of sections: attention,long,pruned,torch,e2e")
   p.add_argument("--e2e-lengths", default="1024,2048,4096",
                  help="e2e section: MiniLM lengths on linux_docs documents")
+  p.add_argument("--e2e-learned", default="",
+                 help="e2e section: a run's exported masks directory (e.g. "
+                      "runs/longdoc_dam/masks) timed as the 'learned' variant")
   p.add_argument("--lengths", default="1024,2048,4096", help="attention-alone lengths")
   p.add_argument("--windows", default="32,64,128,256,512", help="band half-widths")
   p.add_argument("--block-size", type=int, default=0,

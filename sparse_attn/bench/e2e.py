@@ -8,11 +8,17 @@ split, truncated or padded to L) as inference and as a train step:
   masked             the Longformer mask (band ±window + global [CLS]) on the dense reference
   auto               the same mask prepared by the policy (`attention.prepare`): what
                      attention_backend='auto' runs in training and evaluation
+  learned            with `learned=DIR` (`--e2e-learned`): a frozen learned mask exported
+                     by a run (e.g. the block DAM of `configs/longdoc.py:dam`), one per
+                     layer, loaded as `masks.source=DIR` loads it (sliced to L, or extended
+                     past its length with the explicit `masks.extrapolate='toeplitz'`
+                     rule), prepared by the policy layer by layer
   no_attention_core  attention replaced by q + k + v: the attention share f of the step
 
 Amdahl bound of a step: 1 / ((1 - f) + f * rho_block), f = 1 - t(no core) / t(dense);
-`of_bound` = (t(dense) / t(auto)) / bound. A step whose dense version would not fit in
-memory (estimated from the [B, H, L, L] score tensors it keeps) is skipped and says so.
+`of_bound` = (t(dense) / t(auto)) / bound (for `learned`, with its own rho_block, the mean
+over layers). A step whose dense version would not fit in memory (estimated from the
+[B, H, L, L] score tensors it keeps) is skipped and says so.
 """
 
 from __future__ import annotations
@@ -59,8 +65,37 @@ def _document_ids(length: int, batch: int, quick: bool, vocab: int) -> np.ndarra
   return ids
 
 
-def bench_e2e(cfg, lengths, window: int, repeats: int, quick: bool = False) -> list[dict]:
-  """Rows per length: times of the variants in the module docstring, share, bound."""
+def learned_masks(source: str, cfg, length: int) -> tuple:
+  """A run's exported masks at `length`, per layer, as `masks.source=source` loads them
+  (with `masks.extrapolate='toeplitz'` past their length)."""
+  from sparse_attn import config as config_lib
+  from sparse_attn import fixed_masks
+  masks_cfg = config_lib.base_config().masks
+  masks_cfg.source, masks_cfg.extrapolate = str(source), "toeplitz"
+  return fixed_masks.build(masks_cfg, cfg, length)
+
+
+def _prepare_layers(masks: tuple, head_dim: int) -> tuple[tuple, list]:
+  """Per layer, what the policy prepares and its Choice (a shared array once)."""
+  done: dict[int, tuple] = {}
+  for m in masks:
+    if id(m) not in done:
+      done[id(m)] = attention.prepare_with_choice(m, head_dim=head_dim)
+  return (tuple(done[id(m)][0] for m in masks), [done[id(m)][1] for m in masks])
+
+
+def bench_e2e(cfg, lengths, window: int, repeats: int, quick: bool = False,
+              learned: str | None = None) -> list[dict]:
+  """Rows per length: times of the variants in the module docstring, share, bound.
+
+  Args:
+    cfg: the MiniLM BertConfig (positions are extended to each length).
+    lengths: the sequence lengths L.
+    window: the Longformer band half-width.
+    repeats: interleaved timing repeats.
+    quick: random token ids instead of `linux_docs` documents (tests).
+    learned: a run's exported masks directory for the `learned` variant, or None.
+  """
   attention.register_backend("bench_noop")(_noop_backend)
   rows = []
   for length in lengths:
@@ -78,6 +113,16 @@ def bench_e2e(cfg, lengths, window: int, repeats: int, quick: bool = False) -> l
            "auto_reason": choice.reason, "block_size": choice.block_size,
            "rho_block": choice.block_density, "rho_elem": float(mask.mean()), "times": {},
            "skipped": {}}
+    if learned is not None:
+      per_layer = learned_masks(learned, c, length)
+      prepared_layers, choices = _prepare_layers(per_layer, c.head_dim)
+      variants["learned"] = (c, prepared_layers)
+      row["learned"] = {
+          "source": str(learned),
+          "executors": [f"{ch.executor} (b={ch.block_size})" for ch in choices],
+          "rho_block": float(np.mean([1.0 if ch.block_density is None else ch.block_density
+                                      for ch in choices])),
+          "rho_elem": float(np.mean([1.0 if m is None else m.mean() for m in per_layer]))}
     for mode in ("infer", "train"):
       fits, gb = dense_fits(c, batch, length, mode == "train")
       fns = {}
@@ -89,6 +134,9 @@ def bench_e2e(cfg, lengths, window: int, repeats: int, quick: bool = False) -> l
         fns[f"{name}/{mode}"] = inf if mode == "infer" else tr
       row["times"].update(timing.interleaved(fns, repeats))
       row[mode] = _summary(row["times"], mode, row["rho_block"] or 1.0)
+      if learned is not None and row[mode]:
+        row[mode]["learned"] = _summary(row["times"], mode, row["learned"]["rho_block"],
+                                        variant="learned")
       print(f"[e2e] L={length} {mode}: " + ", ".join(
           f"{k.split('/')[0]} {v['median'] * 1e3:.0f} ms" for k, v in row["times"].items()
           if k.endswith(mode)) + (f"; {row[mode]}" if row[mode] else ""), flush=True)
@@ -96,14 +144,14 @@ def bench_e2e(cfg, lengths, window: int, repeats: int, quick: bool = False) -> l
   return rows
 
 
-def _summary(t: dict, mode: str, rho: float) -> dict | None:
+def _summary(t: dict, mode: str, rho: float, variant: str = "auto") -> dict | None:
   get = lambda k: t.get(f"{k}/{mode}", {}).get("median")
-  dense, auto, noop, masked = get("dense"), get("auto"), get("no_attention_core"), get("masked")
+  dense, auto, noop, masked = get("dense"), get(variant), get("no_attention_core"), get("masked")
   if dense is None:
     return None
   share = max(0.0, 1.0 - noop / dense)
   bound = 1.0 / ((1.0 - share) + share * rho)
   speedup = dense / auto
   return {"attention_share": share, "amdahl_bound": bound, "speedup_vs_dense": speedup,
-          "of_bound": speedup / bound, "auto_over_dense": auto / dense,
-          "speedup_vs_masked": masked / auto if masked else None}
+          "of_bound": speedup / bound, f"{variant}_over_dense": auto / dense,
+          "speedup_vs_masked": masked / auto if masked and variant == "auto" else None}

@@ -94,6 +94,23 @@ def _e2e_table(rows: list[dict]) -> list[str]:
       lines.append(f"| {r['L']} | {r['batch']} | {mode} | {ms(t, f'dense/{mode}')} | "
                    f"{ms(t, f'masked/{mode}')} | {ms(t, f'auto/{mode}')} | {r['auto']} "
                    f"(b={r['block_size']}) | {r['rho_block'] or 1:.3f} | {tail} |")
+  learned = [r for r in rows if r.get("learned")]
+  if learned:
+    lines += [f"\nThe frozen learned mask ({learned[0]['learned']['source']}), per layer:\n",
+              "| L | B | step | dense ms | learned ms | executors | rho_block | rho_elem | "
+              "Amdahl bound | speed-up | of bound | learned / dense |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in learned:
+      lr = r["learned"]
+      execs = ", ".join(sorted(set(lr["executors"])))
+      for mode in ("infer", "train"):
+        t, m = r["times"], (r.get(mode) or {}).get("learned")
+        tail = (f"{m['amdahl_bound']:.2f} | {m['speedup_vs_dense']:.2f} | "
+                f"{m['of_bound']:.2f} | {m['learned_over_dense']:.2f}" if m
+                else "- | - | - | -")
+        lines.append(f"| {r['L']} | {r['batch']} | {mode} | {ms(t, f'dense/{mode}')} | "
+                     f"{ms(t, f'learned/{mode}')} | {execs} | {lr['rho_block']:.3f} | "
+                     f"{lr['rho_elem']:.3f} | {tail} |")
   return lines
 
 

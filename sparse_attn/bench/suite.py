@@ -78,10 +78,11 @@ def run(args: argparse.Namespace, host_memory_reused: bool, argv: list[str]) -> 
           4096, 128, 1, 4, 256, 4, args.block_size or 0, args.repeats, peak)
   if "e2e" in sections:
     if args.quick:
-      res["e2e"] = e2e.bench_e2e(minilm, [64], 8, 2, quick=True)
+      res["e2e"] = e2e.bench_e2e(minilm, [64], 8, 2, quick=True,
+                                 learned=args.e2e_learned or None)
     else:
       res["e2e"] = e2e.bench_e2e(minilm, [int(x) for x in args.e2e_lengths.split(",")],
-                                 64, args.repeats)
+                                 64, args.repeats, learned=args.e2e_learned or None)
   if "pruned" in sections:
     res["pruned"] = pruned.bench_pruned(minilm, "quick" if args.quick else "MiniLM-L6", lb,
                                         keep, 2 if args.quick else args.repeats, peak, mesh)
