@@ -11,6 +11,10 @@ Commands (CPU, 2 cores; docs/results.md has the runs):
     about 13 minutes; dev accuracy 0.61 (9 classes, majority 0.24), train step 7.7 s
   python train.py --config configs/longdoc.py:pattern=longformer --workdir runs/lf
     about 5 minutes; dev accuracy 0.63 at 73% sparsity, train step 2.7 s (2.9x)
+  python train.py --config configs/longdoc.py:dam --workdir runs/dam_long      # search
+    about 18 minutes; dev accuracy 0.62 at 79% sparsity (the search steps are dense)
+  python train.py --config configs/longdoc.py:masks=runs/dam_long/masks --workdir runs/d2
+    about 7 minutes; dev accuracy 0.63 at 79% sparsity, train step 2.2 s (3.5x)
 Variants (comma-separated argument):
   pattern=longformer  band ±window (default 64) plus global [CLS], every layer: block-
                       sparse on the fast path (window=W sets the band).
