@@ -21,6 +21,7 @@ def test_quick_attention_section(tmp_path):
   bench.main(["--out", str(tmp_path), "--quick", "--host-memory", "default",
               "--only", "attention"])
   res = _check_outputs(tmp_path)
+  assert not (tmp_path / "e2e.png").exists()          # Only with the e2e section.
   row = res["attention"][0]
   for key in ("rho_elem", "rho_block", "speedup_fwd", "speedup_fwdbwd", "of_ideal_fwd",
               "of_ideal_fwdbwd"):
@@ -76,6 +77,7 @@ def test_quick_e2e_section(tmp_path):
     assert 0 <= m["attention_share"] <= 1 and m["amdahl_bound"] >= 1
     assert m["of_bound"] == pytest.approx(m["speedup_vs_dense"] / m["amdahl_bound"])
   assert "MiniLM on linux_docs" in (tmp_path / "results.md").read_text()
+  assert (tmp_path / "e2e.png").stat().st_size > 0
 
 
 def test_quick_e2e_section_times_a_frozen_learned_mask(tmp_path):
@@ -101,3 +103,4 @@ def test_quick_e2e_section_times_a_frozen_learned_mask(tmp_path):
     m = row[mode]["learned"]
     assert m["of_bound"] == pytest.approx(m["speedup_vs_dense"] / m["amdahl_bound"])
   assert "frozen learned mask" in (tmp_path / "b" / "results.md").read_text()
+  assert (tmp_path / "b" / "e2e.png").stat().st_size > 0

@@ -7,8 +7,9 @@ allows (1 / rho_block, Amdahl, FLOP ratio).
   python -m sparse_attn.bench --out /tmp/bench --quick      # tiny shapes, seconds
   python -m sparse_attn.bench --out /tmp/bench --only torch --torch   # vs PyTorch
 
-Writes results.json, results.md (tables) and speedup.png (attention speed-up vs block
-density with the ideal 1 / rho_block line) to --out.
+Writes results.json, results.md (tables), speedup.png (attention speed-up vs block
+density with the ideal 1 / rho_block line) and, with the e2e section, e2e.png (speed-up
+over dense vs L with the Amdahl bounds) to --out.
 
 Timing: every function is jitted and run once (compile + warm-up, excluded), then
 `--repeats` times with block_until_ready; we report the median (and min, and process CPU

@@ -158,3 +158,39 @@ def plot(res: dict, path: pathlib.Path) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plot_e2e(res: dict, path: pathlib.Path) -> bool:
+  """Writes a PNG of the e2e section: speed-up over dense vs L, per step (infer, train).
+
+  Solid lines: the fixed mask under 'auto' and, when timed, the frozen learned mask;
+  dashed: each one's Amdahl bound. Rows whose dense step was skipped have no point.
+  Returns False (and writes nothing) when the e2e section did not run.
+  """
+  rows = res.get("e2e") or []
+  if not rows:
+    return False
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+  for ax, mode in zip(axes, ("infer", "train")):
+    for name, get, color in (("fixed mask (auto)", lambda m: m, "C0"),
+                             ("frozen learned mask", lambda m: m.get("learned"), "C1")):
+      pts = [(r["L"], get(r[mode])) for r in rows if r.get(mode) and get(r[mode])]
+      if not pts:
+        continue
+      ls = [p[0] for p in pts]
+      ax.plot(ls, [p[1]["speedup_vs_dense"] for p in pts], "o-", color=color, label=name)
+      ax.plot(ls, [p[1]["amdahl_bound"] for p in pts], "--", color=color,
+              label=f"{name}: Amdahl bound")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length L")
+    ax.set_title(f"MiniLM {mode} step on linux_docs")
+    ax.axhline(1.0, color="k", lw=0.5)
+  axes[0].set_ylabel("speed-up over dense")
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True

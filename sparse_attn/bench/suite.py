@@ -42,7 +42,8 @@ def _keep_layers(spec: str, default: tuple[int, ...], num_layers: int) -> tuple[
 
 
 def run(args: argparse.Namespace, host_memory_reused: bool, argv: list[str]) -> dict:
-  """Runs the sections args selects and writes args.out/results.{json,md} and speedup.png.
+  """Runs the sections args selects and writes args.out/results.{json,md}, speedup.png
+  and (with the e2e section) e2e.png.
 
   Call after the process settings (XLA_FLAGS, host memory) are applied. argv is recorded
   in results.json. Returns the results dict written there.
@@ -93,5 +94,8 @@ def run(args: argparse.Namespace, host_memory_reused: bool, argv: list[str]) -> 
   (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
   (out / "results.md").write_text(report.markdown(res))
   report.plot(res, out / "speedup.png")
-  print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'speedup.png'}")
+  wrote = [out / "results.json", out / "results.md", out / "speedup.png"]
+  if report.plot_e2e(res, out / "e2e.png"):
+    wrote.append(out / "e2e.png")
+  print("wrote " + ", ".join(map(str, wrote)))
   return res
