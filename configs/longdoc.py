@@ -21,7 +21,8 @@ Variants (comma-separated argument):
   masks=DIR           a frozen exported mask (another run's <workdir>/masks): the second
                       phase of a learned structure, on the fast path.
   learned_window      learned neighbour widths (Breaking BERT), rounded to whole 64 x 64
-                      tiles when frozen.
+                      tiles when frozen (at the defaults the widths stay at ±128: the
+                      target does not bind in 80 steps; docs/results.md).
   dam                 the block DAM search: DAM_s with one logit per (head, 64-token
                       block offset), [CLS] global, target density 0.2 over valid pairs;
                       phase two (masks=<its workdir>/masks) then runs it block-sparse.
