@@ -17,7 +17,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from sparse_attn import train  # After flag parsing: JAX reads its own flags on import.
+  # After flag parsing: JAX reads its own flags on import.
+  from sparse_attn import evaluation, train  # pylint: disable=import-outside-toplevel
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   summary = {k: v for k, v in results.items() if not isinstance(v, dict)}
   timing = results.pop("timing", None)
@@ -26,8 +27,7 @@ def main(argv):
     if isinstance(metrics, dict):
       main = {k: v for k, v in metrics.items() if not k.startswith("density/")}
       print(f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(main.items())))
-      per_layer = [f"{metrics[f'density/layer_{i}']:.3f}"
-                   for i in range(sum(k.startswith("density/") for k in metrics))]
+      per_layer = [f"{d:.3f}" for d in evaluation.per_layer_density(metrics)]
       print(f"[{split}] attention density per layer (valid pairs): {' '.join(per_layer)}")
   if timing:
     step_s, rate = timing["train_step_s"], timing["eval_examples_per_s"]

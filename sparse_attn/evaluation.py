@@ -120,16 +120,16 @@ def with_reported_density(frozen: Any, metrics: dict[str, dict[str, float]]) -> 
   """
   reported = {"accounting": ACCOUNTING}
   for split, m in metrics.items():
-    reported[split] = {
-        "attention_density": float(m["attention_density"]),
-        "per_layer": [float(m[k]) for k in sorted(m, key=_layer_index)
-                      if k.startswith("density/")]}
+    reported[split] = {"attention_density": float(m["attention_density"]),
+                       "per_layer": per_layer_density(m)}
   return dataclasses.replace(frozen, metadata=dict(frozen.metadata,
                                                    reported_density=reported))
 
 
-def _layer_index(key: str) -> int:
-  return int(key.rsplit("_", 1)[-1]) if key.startswith("density/layer_") else -1
+def per_layer_density(metrics: dict[str, float]) -> list[float]:
+  """The `density/layer_i` values of `evaluate`'s metrics, in layer order (i = 0, 1, ...)."""
+  keys = [k for k in metrics if k.startswith("density/layer_")]
+  return [float(metrics[k]) for k in sorted(keys, key=lambda k: int(k.rsplit("_", 1)[1]))]
 
 
 def _to_host(x):

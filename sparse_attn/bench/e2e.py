@@ -146,12 +146,13 @@ def bench_e2e(cfg, lengths, window: int, repeats: int, quick: bool = False,
 
 def _summary(t: dict, mode: str, rho: float, variant: str = "auto") -> dict | None:
   get = lambda k: t.get(f"{k}/{mode}", {}).get("median")
-  dense, auto, noop, masked = get("dense"), get(variant), get("no_attention_core"), get("masked")
+  dense, timed, noop, masked = (get("dense"), get(variant), get("no_attention_core"),
+                                get("masked"))
   if dense is None:
     return None
   share = max(0.0, 1.0 - noop / dense)
   bound = 1.0 / ((1.0 - share) + share * rho)
-  speedup = dense / auto
+  speedup = dense / timed
   return {"attention_share": share, "amdahl_bound": bound, "speedup_vs_dense": speedup,
-          "of_bound": speedup / bound, f"{variant}_over_dense": auto / dense,
-          "speedup_vs_masked": masked / auto if masked and variant == "auto" else None}
+          "of_bound": speedup / bound, f"{variant}_over_dense": timed / dense,
+          "speedup_vs_masked": masked / timed if masked and variant == "auto" else None}
