@@ -29,8 +29,7 @@ def main(argv):
     export.check_destination(FLAGS.export_masks)
   metrics, run, frozen = evaluation.evaluate_workdir(FLAGS.workdir, FLAGS.config, FLAGS.step)
   for split, m in metrics.items():
-    print(f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items())
-                                    if not k.startswith("density/")))
+    print(evaluation.format_metrics(split, m))
   evaluation.check_finite_metrics(metrics, f"eval.py --workdir {FLAGS.workdir}")
   if FLAGS.export_masks:
     written = export.export_masks(frozen, FLAGS.export_masks)

@@ -25,10 +25,7 @@ def main(argv):
   masks = results.pop("masks", None)
   for split, metrics in results.items():
     if isinstance(metrics, dict):
-      main = {k: v for k, v in metrics.items() if not k.startswith("density/")}
-      print(f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(main.items())))
-      per_layer = [f"{d:.3f}" for d in evaluation.per_layer_density(metrics)]
-      print(f"[{split}] attention density per layer (valid pairs): {' '.join(per_layer)}")
+      print(evaluation.format_metrics(split, metrics))
   if timing:
     step_s, rate = timing["train_step_s"], timing["eval_examples_per_s"]
     print(f"[timing] train step {step_s:.3f} s (median)  " if step_s else "[timing] ",

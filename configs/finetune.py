@@ -12,6 +12,10 @@ Variants (one string argument, comma-separated):
                    pattern=sparsebert_bigbird.
   start=K          apply the mask to layers K.. only (dense below).
   teacher=DIR      distil from a finished run (alpha=A, kd_temp=T; sparse_attn/distill.py).
+  max_len=N        masks built at N x N (default 64; buckets 16, 32, 48, 64 .. N), e.g.
+                   128 for SparseBERT's length: a sentence sees the top-left corner.
+  masks=DIR        fixed masks exported by another run (e.g. a configs/mlm.py arm).
+  init=DIR         start from that run's encoder (e.g. its masked-LM training).
 """
 
 from sparse_attn import config as config_lib
@@ -24,6 +28,14 @@ def get_config(arg: str | None = None):
   if task.startswith("glue/") or task in ("imdb_reviews", "conll2003"):
     c.data.source = "tfds"
   c.data.task = task
+  if "max_len" in args:
+    n = int(args["max_len"])
+    c.data.max_len = n
+    c.data.buckets = tuple(b for b in (16, 32, 48, 64) if b < n) + (n,)
+  if "init" in args:
+    c.init_from = "run:" + args["init"]
+  if "masks" in args:
+    c.masks.source = args["masks"]
   if "nodiag" in args:  # SparseBERT: remove the diagonal of every layer's attention.
     c.masks.remove_diagonal = True
   if "pattern" in args:  # A fixed pattern on every layer, e.g. pattern=sparsebert_star.

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sparse_attn import model as model_lib
 from sparse_attn import restore
 
 
@@ -44,9 +45,10 @@ class Teacher:
   def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
     """The teacher's logits for `batch` (deterministic: no dropout, no mask noise)."""
     masks, gates = self.structure.inputs(self.frozen, batch)
+    head_args, _ = model_lib.head_view(batch)
     logits, _ = self.module.apply(
         {"params": params}, batch["input_ids"], batch["attention_mask"],
-        batch["token_type_ids"], masks=masks, gates=gates, deterministic=True)
+        batch["token_type_ids"], masks=masks, gates=gates, deterministic=True, **head_args)
     return logits
 
 

@@ -1,7 +1,14 @@
 """Evaluation: a model over a split with its frozen structure, and a finished run re-evaluated.
 
 Metrics are the task's official ones (`data.compute_metrics`) plus the mean loss and the
-attention density over valid (non-padding) pairs, per layer and over all layers.
+attention density in two accountings, per layer and over all layers:
+
+  attention_density / attention_sparsity   over each example's valid (non-padding) query-
+      key pairs, averaged over the split's examples (what the model computes on this data);
+  attention_density_nxn / attention_sparsity_nxn   over the whole n x n matrix at the
+      masks' length n (`nxn_length`), padding or not: SparseBERT's accounting, a property
+      of the masks alone. Token-defined links (`masks.sink_tokens`) are not position
+      links and count in the first accounting only.
 """
 
 from __future__ import annotations
@@ -62,8 +69,10 @@ def evaluate(eval_step, params, dataset, task, mesh, batch_size: int, frozen,
       (`RunStructure.prepare`) once per length bucket; None passes them as they are.
 
   Returns:
-    The task's official metrics, "loss", "density/layer_i", "attention_density" and
-    "attention_sparsity".
+    The task's official metrics, "loss", "num_scored" (examples, or tokens for token
+    tasks), "density/layer_i", "attention_density" and "attention_sparsity" (over valid
+    pairs); with `structure`, also "density_nxn/layer_i", "attention_density_nxn",
+    "attention_sparsity_nxn" and "nxn_length" (over the n x n matrix).
   """
   preds, labels, weights, losses, density = [], [], [], [], []
   prepared: dict[int, Any] = {}   # Length bucket -> the masks the backend runs.
@@ -90,12 +99,46 @@ def evaluate(eval_step, params, dataset, task, mesh, batch_size: int, frozen,
   metrics = data_lib.compute_metrics(task, preds, labels, weights)
   total, count = (sum(float(a) for a, _ in losses), sum(float(b) for _, b in losses))
   metrics["loss"] = total / max(count, 1.0)
+  metrics["num_scored"] = count   # Examples (tokens for token tasks) the metrics score.
   per_layer = sum(d for d, _ in density) / max(sum(float(n) for _, n in density), 1.0)
   for i, d in enumerate(per_layer):
     metrics[f"density/layer_{i}"] = float(d)
   metrics["attention_density"] = float(np.mean(per_layer))
   metrics["attention_sparsity"] = 1.0 - metrics["attention_density"]
+  if structure is not None:
+    nxn = nxn_density(frozen.masks, frozen.gates, structure.layer_heads
+                      or (structure.num_heads,) * structure.num_layers)
+    for i, d in enumerate(nxn):
+      metrics[f"density_nxn/layer_{i}"] = d
+    metrics["attention_density_nxn"] = float(np.mean(nxn))
+    metrics["attention_sparsity_nxn"] = 1.0 - metrics["attention_density_nxn"]
+    sized = [np.shape(m)[-1] for m in (frozen.masks or ()) if m is not None]
+    metrics["nxn_length"] = float(sized[0] if sized else structure.max_len)
   return metrics
+
+
+def nxn_density(masks: Any, gates: Any, layer_heads: tuple[int, ...]) -> list[float]:
+  """Per layer, the kept fraction of the whole n x n matrix (SparseBERT's accounting).
+
+  Args:
+    masks: a frozen structure's masks: None (all dense) or a tuple per layer of None
+      (dense) / bool [H|1, n, n] arrays.
+    gates: None or a tuple per layer of None / {0, 1} scalars or [H] arrays (a closed
+      head keeps nothing).
+    layer_heads: heads per layer (0 = no attention sublayer: density 0).
+
+  Returns:
+    [num_layers] floats in [0, 1]; heads averaged.
+  """
+  out = []
+  for i, heads in enumerate(layer_heads):
+    m = None if masks is None else masks[i]
+    d = 0.0 if heads == 0 else (1.0 if m is None else float(np.mean(np.asarray(m, bool))))
+    g = None if gates is None else gates[i]
+    if g is not None:
+      d *= float(np.mean(np.asarray(g, np.float32)))
+    out.append(d)
+  return out
 
 
 ACCOUNTING = ("mean over the split's examples of kept / valid (query, key) pairs, heads "
@@ -122,14 +165,34 @@ def with_reported_density(frozen: Any, metrics: dict[str, dict[str, float]]) -> 
   for split, m in metrics.items():
     reported[split] = {"attention_density": float(m["attention_density"]),
                        "per_layer": per_layer_density(m)}
+    if "attention_density_nxn" in m:
+      reported[split]["attention_density_nxn"] = float(m["attention_density_nxn"])
   return dataclasses.replace(frozen, metadata=dict(frozen.metadata,
                                                    reported_density=reported))
 
 
-def per_layer_density(metrics: dict[str, float]) -> list[float]:
-  """The `density/layer_i` values of `evaluate`'s metrics, in layer order (i = 0, 1, ...)."""
-  keys = [k for k in metrics if k.startswith("density/layer_")]
+def per_layer_density(metrics: dict[str, float], prefix: str = "density/") -> list[float]:
+  """The `density/layer_i` values of `evaluate`'s metrics, in layer order (i = 0, 1, ...);
+  prefix "density_nxn/" gives the n x n accounting's."""
+  keys = [k for k in metrics if k.startswith(prefix + "layer_")]
   return [float(metrics[k]) for k in sorted(keys, key=lambda k: int(k.rsplit("_", 1)[1]))]
+
+
+def format_metrics(split: str, m: dict[str, float]) -> str:
+  """`evaluate`'s metrics of one split as log lines: the metrics, then the sparsity in both
+  accountings, each named, with the per-layer densities."""
+  main = {k: v for k, v in m.items()
+          if not k.startswith(("density", "attention_", "nxn_", "num_"))}
+  lines = [f"[{split}] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(main.items()))]
+  per = " ".join(f"{d:.3f}" for d in per_layer_density(m))
+  lines.append(f"[{split}] attention sparsity {m['attention_sparsity']:.1%} of valid pairs "
+               f"(density per layer {per})")
+  if "attention_sparsity_nxn" in m:
+    n = int(m["nxn_length"])
+    per = " ".join(f"{d:.3f}" for d in per_layer_density(m, "density_nxn/"))
+    lines.append(f"[{split}] attention sparsity {m['attention_sparsity_nxn']:.1%} of the "
+                 f"{n} x {n} matrix, SparseBERT's accounting (density per layer {per})")
+  return "\n".join(lines)
 
 
 def _to_host(x):

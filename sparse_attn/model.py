@@ -325,17 +325,20 @@ class BertForTokenClassification(nn.Module):
 class BertForMaskedLM(nn.Module):
   """MLM head: dense -> GELU -> LayerNorm -> decoder tied to the word embeddings.
 
-  Returns (logits_BxLxV, aux).
+  `positions` [B, P] int (the batch's `mlm_positions`) scores only those positions, so the
+  vocabulary projection costs P rather than L rows. Returns (logits [B, L|P, V], aux).
   """
   config: BertConfig
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, masks=None,
-               gates=None, deterministic: bool = True):
+               gates=None, deterministic: bool = True, positions=None):
     c = self.config
     bert = BertModel(c, add_pooler=False, name="bert")
     x_BxLxD, aux = bert(input_ids, attention_mask, token_type_ids, masks=masks,
                         gates=gates, deterministic=deterministic)
+    if positions is not None:
+      x_BxLxD = jnp.take_along_axis(x_BxLxD, positions[..., None].astype(jnp.int32), axis=1)
     x_BxLxD = _ACTIVATIONS[c.hidden_act](
         _dense(c, c.hidden_size, (EMBED, None), "transform")(x_BxLxD))
     x_BxLxD = _layer_norm(c, "transform_LayerNorm")(x_BxLxD)
@@ -344,6 +347,21 @@ class BertForMaskedLM(nn.Module):
     bias_V = self.param("decoder_bias", _zeros((VOCAB,)), (c.vocab_size,), c.param_dtype)
     logits = jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD.astype(c.dtype)) + bias_V
     return logits, aux
+
+
+def head_view(batch) -> tuple[dict, dict]:
+  """(extra head arguments, the batch as the head's outputs see it).
+
+  A masked-LM batch with `mlm_positions` [B, P]: the head scores those P positions, and
+  labels / label_mask become [B, P] (the labels there; `mlm_position_mask`). Any other
+  batch: ({}, batch).
+  """
+  if "mlm_positions" not in batch:
+    return {}, batch
+  pos_BxP = batch["mlm_positions"]
+  view = dict(batch, labels=jnp.take_along_axis(batch["labels"], pos_BxP, axis=1),
+              label_mask=batch["mlm_position_mask"])
+  return {"positions": pos_BxP}, view
 
 
 HEADS_BY_TASK = {

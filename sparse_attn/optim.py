@@ -2,7 +2,10 @@
 
 Groups come from `config.optimizer.groups`, a list of (regex, overrides) pairs matched with
 `re.fullmatch` against "model/..." and "structure/..." paths: structure logits typically
-get their own learning rate and no weight decay. One Adam state covers every parameter and
+get their own learning rate and no weight decay; a group with `frozen=True` is not trained
+at all (its gradients are dropped before clipping, so they neither move it nor shrink the
+other groups' steps; e.g. fitting a masked-LM head on a frozen encoder). One Adam state
+covers every parameter and
 the groups differ only in the final scaling, so the optimizer state round-trips through
 orbax checkpoints unchanged.
 """
@@ -48,8 +51,17 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
 
   names = [f"group_{i}" for i in range(len(groups))] + ["default"]
   settings = [dict(base, **over) for _, over in groups] + [base]
-  schedules = {n: schedule(s["learning_rate"], s["schedule"]) for n, s in zip(names, settings)}
-  decays = {n: float(s["weight_decay"]) for n, s in zip(names, settings)}
+  unknown = {k for s in settings for k in s} - {"learning_rate", "weight_decay", "schedule",
+                                                 "frozen"}
+  if unknown:
+    raise ValueError(f"optimizer.groups: unknown settings {sorted(unknown)}; a group sets "
+                     "learning_rate, weight_decay, schedule or frozen.")
+  frozen = {n for n, s in zip(names, settings) if s.get("frozen", False)}
+  # A frozen group: no gradient (below), no learning rate and no weight decay.
+  schedules = {n: optax.constant_schedule(0.0) if n in frozen
+               else schedule(s["learning_rate"], s["schedule"]) for n, s in zip(names, settings)}
+  decays = {n: 0.0 if n in frozen else float(s["weight_decay"])
+            for n, s in zip(names, settings)}
 
   def labels(params):
     def label(path, _):
@@ -63,7 +75,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
   # AdamW with per-group learning rate and decoupled weight decay. One Adam state covers
   # every parameter (optax.multi_transform's masked states do not round-trip through
   # orbax checkpoints); the groups differ only in the final scaling.
-  chain = []
+  chain = [_drop_frozen(labels, frozen)] if frozen else []
   if opt.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(opt.grad_clip_norm))
   chain.append(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps))
@@ -88,3 +100,15 @@ def _scale_by_group(labels_fn, schedules, decays) -> optax.GradientTransformatio
     return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init, update)
+
+
+def _drop_frozen(labels_fn, frozen: set[str]) -> optax.GradientTransformation:
+  """Zero updates for parameters of the frozen groups (their gradients are never used, so
+  XLA drops their computation)."""
+  def update(updates, state, params=None):
+    del params
+    new = jax.tree.map(lambda u, g: jnp.zeros_like(u) if g in frozen else u,
+                       updates, labels_fn(updates))
+    return new, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -75,6 +75,8 @@ def build_model(config: ml_collections.ConfigDict, task: Any, *, weights: bool =
   elif kind == "hf":
     bert_config, init_params = (pretrained.load_hf_bert(arg, **overrides) if weights
                                 else (pretrained.load_hf_config(arg, **overrides), None))
+  elif kind == "run":   # That run's architecture; its weights are placed by the trainer.
+    bert_config = dataclasses.replace(run_bert_config(arg), **overrides)
   else:
     bert_config = model_lib.BertConfig(**overrides)
   if init_params is not None and "bert" not in init_params:
@@ -86,6 +88,22 @@ def build_model(config: ml_collections.ConfigDict, task: Any, *, weights: bool =
   head = model_lib.HEADS_BY_TASK[task.kind]
   module = head(bert_config) if task.kind == "mlm" else head(bert_config, task.num_labels)
   return bert_config, module, init_params if weights else None
+
+
+def run_bert_config(workdir: str) -> model_lib.BertConfig:
+  """The BertConfig of the run in `workdir`, from the config saved with its checkpoint."""
+  ckpt = ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False,
+                               read_only=True)
+  try:
+    saved = ckpt.restore_config(None)
+  finally:
+    ckpt.close()
+  if saved is None:
+    raise ckpt_lib.CheckpointError(f"init_from='run:{workdir}': no checkpoint with a config "
+                                   "there; train that run first (or fix the path).")
+  config = config_lib.validate(ml_collections.ConfigDict(saved))
+  bert_config, _, _ = build_model(config, data_lib.get_task(config.data), weights=False)
+  return bert_config
 
 
 def extract_pruned(source: str, overrides: dict) -> tuple[model_lib.BertConfig, dict]:

@@ -34,13 +34,13 @@ def _time_steps(fns: dict[str, Any], args: tuple, repeats: int) -> dict[str, flo
 
 def pad_batch(batch: dict[str, Any], length: int) -> dict[str, Any]:
   """A batch padded to `length` tokens: [B, L] arrays get zeros (padding: attention_mask
-  and label_mask 0), other entries are kept."""
-  def pad(x):
+  and label_mask 0), other entries (the [B, P] masked-LM position lists) are kept."""
+  def pad(k, x):
     x = np.asarray(x)
-    if x.ndim == 2 and x.shape[1] < length:
+    if x.ndim == 2 and x.shape[1] < length and not k.startswith("mlm_"):
       return np.pad(x, ((0, 0), (0, length - x.shape[1])))
     return x
-  return {k: pad(v) for k, v in batch.items()}
+  return {k: pad(k, v) for k, v in batch.items()}
 
 
 def compare_with_dense(run: Any, state: Any, batch: dict[str, Any], repeats: int,

@@ -60,7 +60,8 @@ def apply_init_from(state: TrainState, init_from: str, init_params: Any,
 
   Args:
     state: the freshly initialised state.
-    init_from: the config value ("run:<dir>": that run's model weights; otherwise
+    init_from: the config value ("run:<dir>": that run's model weights, or only its
+      encoder when it trained another task head (a missing pooler stays random); otherwise
       `init_params` from `restore.build_model`).
     init_params: a BertModel tree (pretrained encoder; a missing pooler stays random), a
       whole task-model tree (an extracted pruned model), or None (keep the random init).
@@ -74,10 +75,18 @@ def apply_init_from(state: TrainState, init_from: str, init_params: Any,
     other.close()
     if model_params is None:
       raise ckpt_lib.CheckpointError(f"init_from={init_from!r}: no checkpoint there.")
-    if jax.tree.structure(model_params) != jax.tree.structure(state.params["model"]):
-      raise ValueError(f"init_from={init_from!r}: that run's model has other parameters "
-                       "than this config's (different size, heads or task head).")
-    return _with_model(state, jax.device_put(model_params, state_shardings.params["model"]))
+    if jax.tree.structure(model_params) == jax.tree.structure(state.params["model"]):
+      return _with_model(state, jax.device_put(model_params,
+                                               state_shardings.params["model"]))
+    # Another task's run (e.g. masked-LM training, then fine-tuning): its encoder only.
+    encoder = model_params.get("bert") if isinstance(model_params, dict) else None
+    target = state.params["model"]["bert"]
+    if encoder is None or any(
+        k not in encoder or jax.tree.structure(encoder[k]) != jax.tree.structure(target[k])
+        for k in target if k != "pooler"):
+      raise ValueError(f"init_from={init_from!r}: that run's encoder has other parameters "
+                       "than this config's (different size, heads or pruned layers).")
+    init_params = {k: v for k, v in encoder.items() if k in target}
   if init_params is None:
     return state
   if "bert" in init_params:  # A whole task model (e.g. an extracted pruned model).

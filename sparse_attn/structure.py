@@ -74,6 +74,8 @@ class RunStructure:
     backend: the model's `attention_backend` ('auto', 'dense' or a block-sparse executor):
       what `prepare` prepares for.
     dtype, head_dim: the attention inputs' dtype and head size (the policy's inputs).
+    layer_heads: heads per layer of the model (0 = no attention sublayer; None = every
+      layer has num_heads), for the density accountings.
     executors: {length: per layer "executor: reason"}, filled by `prepare`.
   """
   learned: learn.Structure | None
@@ -88,6 +90,7 @@ class RunStructure:
   backend: str = "dense"
   dtype: str = "float32"
   head_dim: int | None = None
+  layer_heads: tuple[int, ...] | None = None
   executors: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
   _fixed: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -272,4 +275,6 @@ def build(config: Any, bert_config: Any, tokenizer: Any = None,
       max_train_len=(int(np.max(lengths)) if lengths is not None and len(lengths)
                      else None),
       backend=bert_config.attention_backend, dtype=np.dtype(bert_config.dtype).name,
-      head_dim=bert_config.hidden_size // bert_config.num_attention_heads)
+      head_dim=bert_config.hidden_size // bert_config.num_attention_heads,
+      layer_heads=tuple(bert_config.layer_heads(i)
+                        for i in range(bert_config.num_hidden_layers)))

@@ -2,7 +2,9 @@
 
 Batch keys (`sparse_attn.data.batching`): input_ids, token_type_ids, attention_mask [B, L];
 weights [B] (0 = filler row); labels [B] (classification int / regression float) or [B, L]
-(token classification, MLM) with label_mask [B, L] (1 = position carries a label).
+(token classification, MLM) with label_mask [B, L] (1 = position carries a label); MLM
+batches also list their predicted positions (mlm_positions, mlm_position_mask [B, P]), and
+the steps score those only (`model.head_view`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import optax
 from sparse_attn import attention
 from sparse_attn import distill as distill_lib
 from sparse_attn import learn
+from sparse_attn import model as model_lib
 from sparse_attn.masks import tree
 from sparse_attn.structure import RunStructure
 
@@ -82,19 +85,20 @@ def make_train_step(module, structure: RunStructure, tx, task,
   def step(state: TrainState, batch, teacher_params=None):
     rng = jax.random.fold_in(state.rng, state.step)
     r_drop, r_struct = jax.random.split(rng)
+    head_args, scored = model_lib.head_view(batch)
     t_logits = None if teacher is None else teacher.logits(teacher_params, batch)
 
     def loss_fn(params):
       s = structure.sample(params["structure"], r_struct, state.step, batch)
       logits, aux = module.apply(
           {"params": params["model"]}, *_model_inputs(batch), masks=s.masks, gates=s.gates,
-          deterministic=False, rngs={"dropout": r_drop})
-      total, count = task_loss(kind, logits, batch)
+          deterministic=False, rngs={"dropout": r_drop}, **head_args)
+      total, count = task_loss(kind, logits, scored)
       loss = total / jnp.maximum(count, 1.0)
       metrics = {"task_loss": loss, "penalty": jnp.asarray(s.penalty),
                  "density": aux["density"], **s.metrics}
       if teacher is not None:
-        d_total, d_count = distill_lib.distill_loss(kind, logits, t_logits, batch,
+        d_total, d_count = distill_lib.distill_loss(kind, logits, t_logits, scored,
                                                     teacher.temperature)
         metrics["distill_loss"] = d_total / jnp.maximum(d_count, 1.0)
         loss = (1.0 - teacher.alpha) * loss + teacher.alpha * metrics["distill_loss"]
@@ -150,14 +154,15 @@ def make_eval_step(module, task, structure: RunStructure):
 
   def eval_step(params, batch, masks, gates):
     masks, gates = structure.inputs(learn.Frozen(masks=masks, gates=gates), batch)
+    head_args, scored = model_lib.head_view(batch)
     logits, _ = module.apply({"params": params["model"]}, *_model_inputs(batch),
-                             masks=masks, gates=gates, deterministic=True)
-    total, count = task_loss(kind, logits, batch)
+                             masks=masks, gates=gates, deterministic=True, **head_args)
+    total, count = task_loss(kind, logits, scored)
     if kind in ("token_classification", "mlm"):
-      weights = batch["label_mask"].astype(jnp.float32) * batch["weights"][:, None]
+      weights = scored["label_mask"].astype(jnp.float32) * batch["weights"][:, None]
     else:
       weights = batch["weights"]
-    return {"predictions": _predictions(kind, logits), "labels": batch["labels"],
+    return {"predictions": _predictions(kind, logits), "labels": scored["labels"],
             "weights": weights, "loss_sum": total, "loss_count": count,
             "density_sum": _density_sum(masks, gates, batch, module.config),
             "examples": jnp.sum(batch["weights"])}

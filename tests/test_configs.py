@@ -17,7 +17,8 @@ VARIANTS = {
     "finetune.py": ["", "runlocal", "nodiag", "task=wnut16", "task=glue/mrpc",
                     "pattern=sparsebert_bigbird", "pattern=window,kw.k=4,start=2",
                     "pattern=bigbird,kw.window=2,kw.global_tokens=1,kw.random_keys=2,"
-                    "kw.seed=0,start=2"],
+                    "kw.seed=0,start=2", "max_len=128,nodiag",
+                    "max_len=128,init=runs/mlm"],
     "dam.py": ["", "runlocal", "method=dam_u", "official", "lam=1e-3", "target=0.1",
                "per_layer", "block=16", "nodiag", "global=0", "task=shakespeare",
                "sep,target=0.11", "teacher=runs/dense,alpha=0.7,kd_temp=3"],
@@ -28,6 +29,9 @@ VARIANTS = {
     "longdoc.py": ["", "runlocal", "pattern=longformer", "pattern=longformer,window=32,len=2048",
                    "learned_window", "len=4096,steps=10", "dam", "dam,runlocal",
                    "pattern=longformer,compare"],
+    "mlm.py": ["fit_head", "fit_head,runlocal", "head=runs/h", "head=runs/h,arm=nodiag",
+               "head=runs/h,arm=star,seed=2", "head=runs/h,arm=dam_u,lam=1",
+               "head=runs/h,arm=dam_s,runlocal"],
 }
 
 
@@ -65,7 +69,10 @@ def test_teacher_argument_sets_the_distill_section():
 
 
 @pytest.mark.parametrize("name, arg, problem", [("dam.py", "alpha=0.7", "teacher="),
-                                                 ("prune.py", "warm=20", "shift")])
+                                                 ("prune.py", "warm=20", "shift"),
+                                                 ("mlm.py", "arm=dense", "head="),
+                                                 ("mlm.py", "head=h,arm=nope", "arm="),
+                                                 ("mlm.py", "fit_head,arm=dense", "fit_head")])
 def test_arguments_that_need_another_are_refused(name, arg, problem):
   with pytest.raises(ValueError, match=problem):
     _load(name).get_config(arg)

@@ -47,7 +47,10 @@ def mask_tokens(input_ids_BxL: np.ndarray, attention_mask_BxL: np.ndarray, *,
 
   Returns:
     dict with input_ids [B,L] int32 (corrupted), labels [B,L] int32 (original id at
-    predicted positions, else 0) and label_mask [B,L] int32 (1 = predicted).
+    predicted positions, else 0), label_mask [B,L] int32 (1 = predicted), and the same
+    predictions as a list: mlm_positions [B,P] int32 (the predicted positions in
+    ascending order, then 0) with mlm_position_mask [B,P] int32 (1 = a real entry),
+    P = min(max_predictions, L), so that the head scores P positions a row, not L.
   """
   if not 0.0 < probability < 1.0:
     raise ValueError(f"mlm_probability must be in (0, 1), got {probability}.")
@@ -73,6 +76,11 @@ def mask_tokens(input_ids_BxL: np.ndarray, attention_mask_BxL: np.ndarray, *,
                                        len(replacements) - 1)]
   out = np.where(chosen & (action_u < 0.8), special.mask, ids)
   out = np.where(chosen & (action_u >= 0.8) & (action_u < 0.9), random_ids, out)
+  # Chosen positions first, each group in ascending order; k <= P of them per row.
+  positions = np.argsort(~chosen, axis=1, kind="stable")[:, :min(max_predictions, l)]
+  position_mask = np.take_along_axis(chosen, positions, axis=1)
   return dict(input_ids=out.astype(np.int32),
               labels=np.where(chosen, ids, 0).astype(np.int32),
-              label_mask=chosen.astype(np.int32))
+              label_mask=chosen.astype(np.int32),
+              mlm_positions=np.where(position_mask, positions, 0).astype(np.int32),
+              mlm_position_mask=position_mask.astype(np.int32))
