@@ -16,6 +16,13 @@ Variants (one string argument, comma-separated):
                    128 for SparseBERT's length: a sentence sees the top-left corner.
   masks=DIR        fixed masks exported by another run (e.g. a configs/mlm.py arm).
   init=DIR         start from that run's encoder (e.g. its masked-LM training).
+  match=D          with pattern=window | random | bigbird: the pattern's degrees chosen so
+                   that its density over the training data's valid pairs is closest to D
+                   (window: the band; random: the diagonal plus r random keys a row;
+                   bigbird: the widest band with global=G tokens (default 1), then random
+                   keys; config.matched_bigbird_kwargs). drop=window | global | random
+                   then removes that part of the matched BigBird mask (window: the band
+                   shrinks to the diagonal), the other degrees unchanged.
 """
 
 from sparse_attn import config as config_lib
@@ -47,4 +54,27 @@ def get_config(arg: str | None = None):
     c.masks.start_layer = int(args["start"])
   if "runlocal" in args:
     config_lib.apply_runlocal(c)
+  if "match" in args:
+    _match(c, args)
+  elif "drop" in args:
+    raise ValueError("configs/finetune.py: drop= removes a part of a matched mask; add "
+                     "pattern=bigbird,match=D.")
   return c
+
+
+def _match(c, args) -> None:
+  pattern, target = args.get("pattern"), float(args["match"])
+  if pattern not in ("window", "random", "bigbird"):
+    raise ValueError(f"configs/finetune.py: match= needs pattern=window, random or bigbird "
+                     f"(got pattern={pattern!r}).")
+  g = int(args.get("global", 1 if pattern == "bigbird" else 0))
+  fixed = {"window": {"random_keys": 0}, "random": {"window": 0}, "bigbird": {}}[pattern]
+  kw = config_lib.matched_bigbird_kwargs(c, target, g, **fixed)
+  drop = args.get("drop")
+  if drop is not None:
+    if pattern != "bigbird" or drop not in ("window", "global", "random"):
+      raise ValueError("configs/finetune.py: drop=window | global | random applies to "
+                       "pattern=bigbird,match=D.")
+    kw[{"window": "window", "global": "global_tokens", "random": "random_keys"}[drop]] = 0
+  c.masks.pattern = "bigbird"
+  c.masks.kwargs = kw

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
     c.masks.source = "pattern"
     c.masks.pattern = "bigbird"
     c.masks.start_layer = start
-    c.masks.kwargs = matched_bigbird_kwargs(c, target, g)
+    c.masks.kwargs = config_lib.matched_bigbird_kwargs(c, target, g)
     return c
   s = window.default_config()
   s.method = "learned_window"
@@ -60,14 +60,3 @@ def get_config(arg: str | None = None):
   c.optimizer.groups = config_lib.structure_groups(float(args.get("mask_lr", 0.05)))
   return c
 
-
-def matched_bigbird_kwargs(c, target: float, global_tokens: int) -> dict:
-  """patterns.bigbird arguments whose density over c's training data's valid pairs is
-  closest to `target` (see window.bigbird_matched)."""
-  from sparse_attn import data
-  from sparse_attn.masks import stats
-  ds = data.build_dataset(c.data, "train")
-  pairs = stats.pair_weights(ds.lengths, c.data.max_len)
-  m = window.bigbird_matched(c.data.max_len, target, global_tokens, seed=0, pairs_NxN=pairs)
-  return {"window": m.window, "global_tokens": global_tokens, "random_keys": m.random_keys,
-          "seed": 0}

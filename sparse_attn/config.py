@@ -166,6 +166,24 @@ def structure_groups(structure_lr: float) -> list:
   ]
 
 
+def matched_bigbird_kwargs(c: ml_collections.ConfigDict, target: float, global_tokens: int,
+                           window: int | None = None, random_keys: int | None = None) -> dict:
+  """`masks.patterns.bigbird` arguments whose density over c's training data's valid pairs
+  is closest to `target` (`learn.window_baseline.bigbird_matched`: the widest band that
+  fits first, then random keys). `window=0, random_keys=None` gives a random mask (the
+  diagonal plus r keys), `random_keys=0` a neighbour band. Reads and tokenises the
+  training split with c's data settings."""
+  from sparse_attn.learn import window_baseline  # Local import: learn imports model modules.
+  from sparse_attn.masks import stats
+  ds = data_lib.build_dataset(c.data, "train")
+  pairs = stats.pair_weights(ds.lengths, c.data.max_len)
+  m = window_baseline.bigbird_matched(c.data.max_len, target, global_tokens, seed=0,
+                                      window=window, random_keys=random_keys,
+                                      pairs_NxN=pairs)
+  return {"window": m.window, "global_tokens": global_tokens, "random_keys": m.random_keys,
+          "seed": 0}
+
+
 def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks data and steps so an experiment runs on a laptop CPU in seconds."""
   c.data.max_train_examples = 64

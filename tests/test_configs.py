@@ -18,7 +18,8 @@ VARIANTS = {
                     "pattern=sparsebert_bigbird", "pattern=window,kw.k=4,start=2",
                     "pattern=bigbird,kw.window=2,kw.global_tokens=1,kw.random_keys=2,"
                     "kw.seed=0,start=2", "max_len=128,nodiag",
-                    "max_len=128,init=runs/mlm"],
+                    "max_len=128,init=runs/mlm", "pattern=window,match=0.2,runlocal",
+                    "pattern=bigbird,match=0.25,drop=random,runlocal"],
     "dam.py": ["", "runlocal", "method=dam_u", "official", "lam=1e-3", "target=0.1",
                "per_layer", "block=16", "nodiag", "global=0", "task=shakespeare",
                "sep,target=0.11", "teacher=runs/dense,alpha=0.7,kd_temp=3"],
@@ -72,7 +73,13 @@ def test_teacher_argument_sets_the_distill_section():
                                                  ("prune.py", "warm=20", "shift"),
                                                  ("mlm.py", "arm=dense", "head="),
                                                  ("mlm.py", "head=h,arm=nope", "arm="),
-                                                 ("mlm.py", "fit_head,arm=dense", "fit_head")])
+                                                 ("mlm.py", "fit_head,arm=dense", "fit_head"),
+                                                 ("finetune.py", "drop=window", "match"),
+                                                 ("finetune.py", "pattern=star,match=0.2",
+                                                  "pattern=window, random or bigbird"),
+                                                 ("finetune.py",
+                                                  "pattern=window,match=0.2,drop=random",
+                                                  "drop=")])
 def test_arguments_that_need_another_are_refused(name, arg, problem):
   with pytest.raises(ValueError, match=problem):
     _load(name).get_config(arg)

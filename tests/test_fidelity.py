@@ -165,7 +165,8 @@ def test_init_from_a_masked_lm_run_takes_its_encoder(runs):
 # ------------------------------------------------------------------ verdicts
 
 def test_verdict_rule_needs_the_difference_to_exceed_the_combined_error():
-  rep = _load(REPO / "scripts" / "reproduce.py", "reproduce")
+  sys.path.insert(0, str(REPO / "scripts"))
+  from fidelity import common as rep  # pylint: disable=import-outside-toplevel
   a = rep.arm_stats([0.80, 0.82, 0.81], [1000] * 3)
   assert a["sd"] == pytest.approx(0.01) and a["se"] == pytest.approx(0.01 / math.sqrt(3))
   b_close = rep.arm_stats([0.805, 0.81, 0.80], [1000] * 3)   # d 0.005 < se 0.0065
@@ -177,3 +178,57 @@ def test_verdict_rule_needs_the_difference_to_exceed_the_combined_error():
   assert one["se"] == pytest.approx(0.01)           # sqrt(0.8 * 0.2 / 1600)
   assert rep.verdict(one, rep.arm_stats([0.75], [1600]))[0] == (
       "reproduced (one seed: provisional)")
+
+
+def test_sparsebert_claim_runs_every_arm_after_its_masked_lm_run():
+  sys.path.insert(0, str(REPO / "scripts"))
+  from fidelity import sparsebert  # pylint: disable=import-outside-toplevel
+  runs = sparsebert.runs((0, 1), "R")
+  names = [r.name for r in runs]
+  assert names[0] == "mlm_head" and len(names) == 1 + 2 * 2 * 12
+  for r in runs[1:]:
+    assert all(names.index(n) < names.index(r.name) for n in r.needs)
+    if r.name.startswith("ft_dam"):
+      assert f"masks=R/{r.needs[0]}/masks" in r.config and "max_len=128" in r.config
+  assert {r.seed for r in runs if r.name.startswith("ft_")} == {0, 1}
+
+
+def test_pruning_claim_remeasures_best_median_worst_with_fresh_seeds(tmp_path, monkeypatch):
+  """Once every fixed choice of k layers has its first-seed run, the best, median and
+  worst by that ranking are rerun with the other seeds (never with the ranking seed)."""
+  import json
+  sys.path.insert(0, str(REPO / "scripts"))
+  from fidelity import common, pruning  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(common, "OUT", tmp_path)
+  before = {r.name for r in pruning.runs((0, 1, 2), "R")}
+  assert not any(n.startswith("fixed_k5_") and n.endswith("_s1") for n in before)
+  accs = {layers: 0.70 + 0.01 * i
+          for i, layers in enumerate(__import__("itertools").combinations(range(6), 5))}
+  for layers, acc in accs.items():
+    path = common.record_path("pruning", pruning._fixed(5, layers, 0).name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"validation": {"accuracy": acc}, "wall_time_s": 1.0}))
+  chosen = pruning.picks(5, 0)
+  order = sorted(accs, key=accs.get, reverse=True)
+  assert chosen == {"best": order[0], "median": order[3], "worst": order[-1]}
+  added = {r.name for r in pruning.runs((0, 1, 2), "R")} - before
+  assert added == {pruning._fixed(5, layers, s).name for layers in chosen.values()
+                   for s in (1, 2)}
+  run = pruning._fixed(5, order[0], 1)
+  assert f"--config.model.heads_per_layer={pruning._hpl(order[0])}" in run.command("R")
+
+
+def test_matched_masks_and_their_ablations():
+  """match=D picks the degrees closest to D over the training data's valid pairs; drop=
+  zeroes exactly one part of the matched BigBird mask."""
+  ft = _load(REPO / "configs" / "finetune.py", "finetune_config")
+  base = dict(ft.get_config("pattern=bigbird,match=0.25,runlocal").masks.kwargs)
+  assert base["window"] >= 1 and base["global_tokens"] == 1 and base["random_keys"] >= 1
+  for drop, key in (("window", "window"), ("global", "global_tokens"),
+                    ("random", "random_keys")):
+    kw = dict(ft.get_config(f"pattern=bigbird,match=0.25,drop={drop},runlocal").masks.kwargs)
+    assert kw == dict(base, **{key: 0})
+  band = dict(ft.get_config("pattern=window,match=0.2,runlocal").masks.kwargs)
+  rand = dict(ft.get_config("pattern=random,match=0.2,runlocal").masks.kwargs)
+  assert band["random_keys"] == 0 and band["global_tokens"] == 0 and band["window"] >= 1
+  assert rand["window"] == 0 and rand["random_keys"] >= 1
