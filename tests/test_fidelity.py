@@ -232,3 +232,19 @@ def test_matched_masks_and_their_ablations():
   rand = dict(ft.get_config("pattern=random,match=0.2,runlocal").masks.kwargs)
   assert band["random_keys"] == 0 and band["global_tokens"] == 0 and band["window"] >= 1
   assert rand["window"] == 0 and rand["random_keys"] >= 1
+
+
+def test_pruning_claim_times_the_searched_model_once_it_is_extracted(tmp_path, monkeypatch):
+  import json
+  sys.path.insert(0, str(REPO / "scripts"))
+  from fidelity import common, pruning  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(common, "OUT", tmp_path)
+  assert not any(r.name.startswith("speed_") for r in pruning.runs((0,), "R"))
+  path = common.record_path("pruning", "retune_k2_s0")
+  path.parent.mkdir(parents=True)
+  dens = {f"density/layer_{i}": (1.0 if i in (3, 5) else 0.0) for i in range(6)}
+  path.write_text(json.dumps({"validation": {"accuracy": 0.7, **dens}, "wall_time_s": 1}))
+  speed = [r for r in pruning.runs((0,), "R") if r.name.startswith("speed_")]
+  assert [r.name for r in speed] == ["speed_k2"]
+  assert speed[0].command("R") == ["-m", "sparse_attn.bench", "--out=R/speed_k2",
+                                   "--only=pruned", "--keep-layers=3,5"]

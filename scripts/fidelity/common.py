@@ -30,9 +30,12 @@ class Run:
   seed: int | None = None   # None: the config's own seed (train and data seed otherwise).
   needs: tuple[str, ...] = ()   # Runs whose checkpoints this one reads.
   flags: tuple[str, ...] = ()   # Further train.py flags, e.g. --config.model.X=Y.
+  module: str = ""   # Instead of train.py: `python -m module --out=<workdir> *flags`.
 
   def command(self, root: str) -> list[str]:
-    """The train.py command line (without the interpreter), relative to the repository."""
+    """The command line (without the interpreter), relative to the repository."""
+    if self.module:
+      return ["-m", self.module, f"--out={root}/{self.name}", *self.flags]
     cmd = ["train.py", f"--config={self.config}", f"--workdir={root}/{self.name}",
            *self.flags]
     if self.seed is not None:

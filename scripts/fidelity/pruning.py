@@ -11,7 +11,10 @@ number k of the 6 attention sublayers kept (5, 4, 3, 2, 1):
   layer gates, the budget met exactly by a logit shift) runs with every seed, and its
   extracted smaller model is re-tuned (`configs/prune.py:retune=...`).
 
-Dense fine-tuning with every seed is the reference.
+Dense fine-tuning with every seed is the reference. The speed of each searched model
+(seed 0's kept layers) is measured against the full model in one process, interleaved
+(`python -m sparse_attn.bench --only pruned`: inference and train steps at 128 x 32 and
+512 x 8 tokens, against the FLOP-ratio bound).
 """
 
 from __future__ import annotations
@@ -75,7 +78,21 @@ def runs(seeds: tuple[int, ...], root: str) -> list[Run]:
     if chosen:
       out += [_fixed(k, layers, s) for layers in dict.fromkeys(chosen.values())
               for s in rest]
+  for k in KEEP:
+    layers = searched_layers(k, first)
+    if layers:
+      out.append(Run(f"speed_k{k}", "", module="sparse_attn.bench",
+                     flags=("--only=pruned", f"--keep-layers={','.join(map(str, layers))}")))
   return out
+
+
+def searched_layers(k: int, seed: int) -> list[int] | None:
+  """The layers with attention in the re-tuned searched model of k layers, or None."""
+  rec = load(CLAIM, f"retune_k{k}_s{seed}")
+  if rec is None:
+    return None
+  v = rec["validation"]
+  return [i for i in range(LAYERS) if v[f"density/layer_{i}"] > 0]
 
 
 def _stats(names: list[str]) -> dict | None:
@@ -97,11 +114,11 @@ def report(seeds: tuple[int, ...]) -> dict:
   for k in KEEP:
     row = {"search": _stats([f"retune_k{k}_s{s}" for s in seeds]), "kept_layers": [],
            "ranking": ranked(k, first)}
-    for s in seeds:   # The extracted model's layers with attention (density > 0).
-      rec = load(CLAIM, f"retune_k{k}_s{s}")
-      if rec:
-        v = rec["validation"]
-        row["kept_layers"].append([i for i in range(LAYERS) if v[f"density/layer_{i}"] > 0])
+    row["kept_layers"] = [ls for ls in (searched_layers(k, s) for s in seeds) if ls]
+    speed = load(CLAIM, f"speed_k{k}")
+    row["speed"] = [{"L": r["L"], "batch": r["batch"], "infer": r["infer"]["speedup"],
+                     "infer_bound": r["infer"]["flop_ratio_bound"],
+                     "train": r["train"]["speedup"]} for r in speed["pruned"]] if speed else []
     chosen = picks(k, first) or {}
     for pick, layers in chosen.items():
       row[pick] = _stats([_fixed(k, layers, s).name for s in (rest or (first,))])
@@ -129,8 +146,8 @@ def report(seeds: tuple[int, ...]) -> dict:
 def markdown(rep: dict, command: str) -> str:
   lines = [f"Command: `{command}`; wall time of the finished runs on the 2-core CPU: "
            f"{rep['wall_s'] / 60:.0f} min. Dense: {pm(rep['dense'])}.", "",
-           "| sublayers kept | search, re-tuned | best fixed | median fixed | worst fixed |",
-           "|---|---|---|---|---|"]
+           "| sublayers kept | search, re-tuned | best fixed | median fixed | worst fixed | "
+           "searched model's inference speed-up (FLOP bound) |", "|---|---|---|---|---|---|"]
   for k, row in rep["rows"].items():
     kept = "; ".join(",".join(map(str, ls)) for ls in row["kept_layers"])
     cells = [pm(row["search"]) + (f" (layers {kept})" if kept else "")]
@@ -138,6 +155,8 @@ def markdown(rep: dict, command: str) -> str:
       layers = row.get(pick + "_layers")
       cells.append(f"{pm(row.get(pick))} (layers {','.join(map(str, layers))})" if layers
                    else "pending")
+    cells.append("; ".join(f"x{r['infer']:.2f} ({r['infer_bound']:.2f}) at {r['batch']} x "
+                           f"{r['L']}" for r in row["speed"]) or "pending")
     lines.append(f"| {k} | " + " | ".join(cells) + " |")
   lines += ["", *verdict_table(rep["compares"])]
   return "\n".join(lines)
