@@ -9,7 +9,9 @@ Variants (one string argument, comma-separated):
   nodiag           SparseBERT's diagonal removal on every layer (otherwise dense).
   pattern=NAME     a fixed pattern from sparse_attn.masks.patterns on every layer, e.g.
                    pattern=window,kw.k=4 (kw.NAME=VALUE are the builder's arguments),
-                   pattern=sparsebert_bigbird.
+                   pattern=sparsebert_bigbird; pattern=syntax | lexical: Breaking BERT's
+                   per-example masks built from each text (sparse_attn.example_masks),
+                   e.g. pattern=syntax,kw.distance=1 or pattern=lexical,kw.top_r=1.
   start=K          apply the mask to layers K.. only (dense below).
   teacher=DIR      distil from a finished run (alpha=A, kd_temp=T; sparse_attn/distill.py).
   max_len=N        masks built at N x N (default 64; buckets 16, 32, 48, 64 .. N), e.g.
@@ -26,6 +28,7 @@ Variants (one string argument, comma-separated):
 """
 
 from sparse_attn import config as config_lib
+from sparse_attn import example_masks
 
 
 def get_config(arg: str | None = None):
@@ -45,7 +48,11 @@ def get_config(arg: str | None = None):
     c.masks.source = args["masks"]
   if "nodiag" in args:  # SparseBERT: remove the diagonal of every layer's attention.
     c.masks.remove_diagonal = True
-  if "pattern" in args:  # A fixed pattern on every layer, e.g. pattern=sparsebert_star.
+  if args.get("pattern") in example_masks.SOURCES:  # Per-example, from each text.
+    c.masks.source = args["pattern"]
+    c.masks.kwargs = {k[3:]: config_lib.number(v) for k, v in args.items()
+                      if k.startswith("kw.")}
+  elif "pattern" in args:  # A fixed pattern on every layer, e.g. pattern=sparsebert_star.
     c.masks.source = "pattern"
     c.masks.pattern = args["pattern"]
     c.masks.kwargs = {k[3:]: config_lib.number(v) for k, v in args.items()

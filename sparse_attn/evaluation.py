@@ -24,6 +24,7 @@ import numpy as np
 from sparse_attn import checkpoint as ckpt_lib
 from sparse_attn import config as config_lib
 from sparse_attn import data as data_lib
+from sparse_attn import example_masks
 from sparse_attn import process
 from sparse_attn import restore
 from sparse_attn import sharding
@@ -108,6 +109,10 @@ def evaluate(eval_step, params, dataset, task, mesh, batch_size: int, frozen,
   if structure is not None:
     nxn = nxn_density(frozen.masks, frozen.gates, structure.layer_heads
                       or (structure.num_heads,) * structure.num_layers)
+    ex = getattr(dataset, "example_masks", None)
+    for i in structure.example_layers:   # Per-example masks: kept valid pairs / n^2.
+      if ex is not None and nxn[i] > 0:
+        nxn[i] *= ex.density(structure.max_len)
     for i, d in enumerate(nxn):
       metrics[f"density_nxn/layer_{i}"] = d
     metrics["attention_density_nxn"] = float(np.mean(nxn))
@@ -230,8 +235,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, config=None, step: int | None 
   c = run.config
   mesh = sharding.make_mesh(c.mesh.shape)
   sharding.check_batch_divisible(c.train.eval_batch_size, mesh)
-  eval_sets = {s: data_lib.build_dataset(c.data, s, tokenizer=run.tokenizer)
-               for s in c.train.eval_splits}
+  eval_sets = example_masks.datasets(c, c.train.eval_splits, run.tokenizer)
   example = next(next(iter(eval_sets.values())).batches(
       c.train.eval_batch_size, shuffle=False, drop_remainder=False))
   params = dict(run.params, model=restore.place_params(

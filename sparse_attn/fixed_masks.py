@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from sparse_attn import example_masks
 from sparse_attn import learn
 from sparse_attn.errors import UserError
 from sparse_attn.masks import patterns, schedule, tree
@@ -39,6 +40,12 @@ def build(masks_cfg, bert_config, max_len: int) -> tuple | None:
     if masks_cfg.remove_diagonal:
       return _on_layers(~np.eye(max_len, dtype=bool)[None], masks_cfg, n_layers)
     return None
+  if example_masks.is_example_source(source):   # Per example, from the batch: no position mask.
+    if masks_cfg.remove_diagonal:
+      raise UserError(f"masks.source={source!r} with masks.remove_diagonal: the per-example "
+                      "masks keep every token's own link; drop remove_diagonal.")
+    example_masks.settings(masks_cfg)   # Unknown kwargs fail here, before any data.
+    return None
   if source == "pattern":
     m = np.asarray(patterns.build(masks_cfg.pattern, max_len, **dict(masks_cfg.kwargs)))
     if m.ndim == 2:
@@ -47,6 +54,8 @@ def build(masks_cfg, bert_config, max_len: int) -> tuple | None:
       m = patterns.remove_diagonal(m)
     return _on_layers(m, masks_cfg, n_layers)
   per_layer, meta = load_exported(source)
+  if meta.get("example_masks"):
+    _refuse_example_masks(meta, source)
   saved_sinks = list(meta.get("sink_tokens", []))
   if saved_sinks != list(masks_cfg.get("sink_tokens", ()) or ()):
     raise ValueError(
@@ -86,6 +95,15 @@ def build(masks_cfg, bert_config, max_len: int) -> tuple | None:
       m = patterns.remove_diagonal(m)
     out.append(m)
   return tuple(out)
+
+
+def _refuse_example_masks(meta: dict[str, Any], source: Any) -> None:
+  ex = meta["example_masks"]
+  raise ExportedMasksError(
+      f"The masks in {source} were per-example ({ex['source']!r} masks on layers "
+      f"{ex['layers']}, built from each text): its position masks leave those layers "
+      f"dense. Way out: set masks.source={ex['source']!r} (with the same masks.kwargs "
+      "and layers) to build them for this run's data.")
 
 
 EXTRAPOLATE_RULES = ("none", "toeplitz")
@@ -205,8 +223,17 @@ def load_exported(path: str | pathlib.Path) -> tuple[list, dict[str, Any]]:
   if path.is_dir() and (path / "checkpoints").is_dir():
     from sparse_attn import checkpoint as ckpt_lib
     ck = ckpt_lib.Checkpointer(path / "checkpoints", async_save=False, read_only=True)
-    got = ck.restore_masks()
-    ck.close()
+    try:
+      got = ck.restore_masks()
+      saved = ck.restore_config() if got is None or not got[0] else None
+    finally:
+      ck.close()
+    if got is not None and got[1].get("example_masks"):
+      _refuse_example_masks(got[1], path)
+    source = ((saved or {}).get("masks") or {}).get("source")
+    if example_masks.is_example_source(source):   # Its checkpoints hold no position masks.
+      _refuse_example_masks({"example_masks": {
+          "source": source, "layers": "as its config sets"}}, path)
     if got is None or not got[0]:  # A dense or gates-only run.
       raise FileNotFoundError(f"The run in {path} saved no masks.")
     arrays, meta = got

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_attn import example_masks
 from sparse_attn import learn
 from sparse_attn.data import batching, text
 from sparse_attn.errors import UserError
@@ -92,6 +93,9 @@ def predict(run, texts: Sequence[Any], *, batch_size: int = 32,
   if batch_size < 1:
     raise PredictionError(f"batch_size must be >= 1, got {batch_size}.")
   encoded, words = _encode(run, texts)
+  per_example = example_masks.build(
+      run.config.masks, [(t,) if isinstance(t, str) else tuple(t) for t in texts], encoded,
+      run.tokenizer, int(run.config.data.max_len))
   lengths = encoded.lengths
   buckets = batching.bucket_lengths(run.config.data.buckets, int(run.config.data.max_len))
   order = np.argsort(lengths, kind="stable")
@@ -102,6 +106,9 @@ def predict(run, texts: Sequence[Any], *, batch_size: int = 32,
     idx = order[start:start + batch_size]
     width = next(b for b in buckets if b >= lengths[idx].max())
     batch = _batch(encoded, idx, batch_size, width)
+    if per_example is not None:   # Filler rows (past the inputs) keep their diagonal.
+      rows = np.concatenate([idx, np.full(batch_size - len(idx), -1)])
+      batch["example_mask"] = jnp.asarray(per_example.batch(rows, width))
     if width not in prepared:
       prepared[width] = run.structure.prepare(run.frozen.masks, width).masks
     logits = np.asarray(forward(run.params, batch, prepared[width], run.frozen.gates))

@@ -37,6 +37,11 @@ def pad_batch(batch: dict[str, Any], length: int) -> dict[str, Any]:
   and label_mask 0), other entries (the [B, P] masked-LM position lists) are kept."""
   def pad(k, x):
     x = np.asarray(x)
+    if k == "example_mask" and x.shape[-1] < length:   # Padding keeps its diagonal only.
+      out = np.zeros((x.shape[0], length, length), bool)
+      out[:, np.arange(length), np.arange(length)] = True
+      out[:, :x.shape[1], :x.shape[2]] = x
+      return out
     if x.ndim == 2 and x.shape[1] < length and not k.startswith("mlm_"):
       return np.pad(x, ((0, 0), (0, length - x.shape[1])))
     return x

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from sparse_attn import attention
+from sparse_attn import example_masks
 from sparse_attn import fixed_masks
 from sparse_attn import learn
 from sparse_attn.masks import stats, tree
@@ -76,6 +77,8 @@ class RunStructure:
     dtype, head_dim: the attention inputs' dtype and head size (the policy's inputs).
     layer_heads: heads per layer of the model (0 = no attention sublayer; None = every
       layer has num_heads), for the density accountings.
+    example_layers: layers that apply the batch's per-example mask (`example_mask`,
+      `sparse_attn.example_masks`); example_source names it ("syntax" / "lexical").
     executors: {length: per layer "executor: reason"}, filled by `prepare`.
   """
   learned: learn.Structure | None
@@ -91,6 +94,8 @@ class RunStructure:
   dtype: str = "float32"
   head_dim: int | None = None
   layer_heads: tuple[int, ...] | None = None
+  example_layers: tuple[int, ...] = ()
+  example_source: str = ""
   executors: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
   _fixed: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -149,13 +154,18 @@ class RunStructure:
       A `Prepared` (recorded in `executors[length]` and logged once per length).
     """
     n = self.num_layers
+    if masks is None and self.example_layers:
+      masks = (None,) * n
     if masks is None:
       prepared, why = None, ("dense: no mask",) * n
     else:
       cut = tree.slice_to(masks, length)
       out, why = [], []
-      for m in cut:
-        if m is None:
+      for i, m in enumerate(cut):
+        if i in self.example_layers:
+          out.append(m)
+          why.append(f"dense: per-example ({self.example_source}) masks")
+        elif m is None:
           out.append(None)
           why.append("dense: no mask")
         elif self.sink_ids or np.asarray(m).dtype != bool:
@@ -180,7 +190,15 @@ class RunStructure:
 
   def _for_batch(self, masks: Any, batch: dict[str, Array]) -> Any:
     ids_BxL = batch["input_ids"]
-    return tree.add_sinks(tree.slice_to(masks, ids_BxL.shape[1]), ids_BxL, self.sink_ids)
+    masks = tree.add_sinks(tree.slice_to(masks, ids_BxL.shape[1]), ids_BxL, self.sink_ids)
+    if not self.example_layers:
+      return masks
+    if "example_mask" not in batch:
+      raise ValueError(f"masks.source={self.example_source!r} needs each batch's "
+                       "per-example masks (`example_mask`, made by the dataset from its "
+                       "texts: sparse_attn.example_masks.attach); this batch has none.")
+    return tree.add_example_masks(masks, batch["example_mask"], self.example_layers,
+                                  self.num_layers)
 
   def freeze(self, params: Any, *, step: int, workdir: str) -> learn.Frozen:
     """The deterministic structure that evaluation, checkpoints and export use.
@@ -225,6 +243,9 @@ class RunStructure:
           "max_train_len": int(trained),
           "rule": "learned links at positions >= max_train_len (never reached by a "
                   "training example, so never trained) are dropped"}
+    if self.example_layers:  # Per-example masks are not position masks: record them.
+      meta["example_masks"] = {"source": self.example_source,
+                               "layers": list(self.example_layers)}
     if self.sink_ids:  # Token-defined links are not in the position masks: record them.
       meta["sink_tokens"] = list(self.sink_tokens)
       meta["sink_token_ids"] = list(self.sink_ids)
@@ -277,4 +298,8 @@ def build(config: Any, bert_config: Any, tokenizer: Any = None,
       backend=bert_config.attention_backend, dtype=np.dtype(bert_config.dtype).name,
       head_dim=bert_config.hidden_size // bert_config.num_attention_heads,
       layer_heads=tuple(bert_config.layer_heads(i)
-                        for i in range(bert_config.num_hidden_layers)))
+                        for i in range(bert_config.num_hidden_layers)),
+      example_layers=(example_masks.layers(config.masks, bert_config.num_hidden_layers)
+                      if example_masks.is_example_source(config.masks.source) else ()),
+      example_source=(config.masks.source
+                      if example_masks.is_example_source(config.masks.source) else ""))

@@ -39,6 +39,7 @@ from sparse_attn import data as data_lib
 from sparse_attn import divergence
 from sparse_attn import distill as distill_lib
 from sparse_attn import evaluation
+from sparse_attn import example_masks
 from sparse_attn import learn
 from sparse_attn import lock as lock_lib
 from sparse_attn import model as model_lib
@@ -121,9 +122,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   rules = sharding.rules_from_config(config.mesh.rules)
 
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
-  train_ds = data_lib.build_dataset(config.data, "train", tokenizer=tokenizer)
-  eval_sets = {s: data_lib.build_dataset(config.data, s, tokenizer=tokenizer)
-               for s in config.train.eval_splits}
+  sets = example_masks.datasets(config, ("train", *config.train.eval_splits), tokenizer)
+  train_ds, eval_sets = sets["train"], {s: sets[s] for s in config.train.eval_splits}
   structure = structure_lib.build(config, bert_config, tokenizer, train_ds.lengths)
 
   batch_size = config.train.batch_size

@@ -19,7 +19,8 @@ VARIANTS = {
                     "pattern=bigbird,kw.window=2,kw.global_tokens=1,kw.random_keys=2,"
                     "kw.seed=0,start=2", "max_len=128,nodiag",
                     "max_len=128,init=runs/mlm", "pattern=window,match=0.2,runlocal",
-                    "pattern=bigbird,match=0.25,drop=random,runlocal"],
+                    "pattern=bigbird,match=0.25,drop=random,runlocal",
+                    "pattern=syntax,kw.distance=1,start=3", "pattern=lexical,kw.top_r=1"],
     "dam.py": ["", "runlocal", "method=dam_u", "official", "lam=1e-3", "target=0.1",
                "per_layer", "block=16", "nodiag", "global=0", "task=shakespeare",
                "sep,target=0.11", "teacher=runs/dense,alpha=0.7,kd_temp=3"],

@@ -20,7 +20,8 @@ Batch (B rows on this process, L the bucket length), all numpy:
   input_ids [B,L] int32, token_type_ids [B,L] int32, attention_mask [B,L] int32 (1 = real
   token), weights [B] float32 (0 = filler row), labels: [B] int32 (classification),
   [B] float32 (regression), [B,L] int32 (token classification, mlm) with label_mask [B,L]
-  int32 (1 = position predicted: first piece of a word / masked-LM target).
+  int32 (1 = position predicted: first piece of a word / masked-LM target); with
+  per-example masks attached (`Dataset.example_masks`), example_mask [B,L,L] bool.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class Dataset:
     self.length_grouping = int(length_grouping)
     self._order = (None, None)  # ((seed, epoch, B), order) of the last epoch used.
     self._by_length = None  # Evaluation order under length grouping.
+    # Per-example masks (`sparse_attn.example_masks.ExampleMasks`), set by `attach`: each
+    # batch then carries them as example_mask [B, L, L] bool.
+    self.example_masks = None
 
   def __len__(self) -> int:
     return len(self.encoded)
@@ -196,6 +200,8 @@ class Dataset:
     batch["attention_mask"] = (valid | (~real[:, None] & (np.arange(width) < 2))).astype(
         np.int32)
     batch["weights"] = real.astype(np.float32)
+    if self.example_masks is not None:
+      batch["example_mask"] = self.example_masks.batch(np.where(real, idx, -1), width)
     kind = self.task.kind
     if kind in ("classification", "regression"):
       dtype = np.float32 if kind == "regression" else np.int32

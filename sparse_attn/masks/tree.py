@@ -203,3 +203,33 @@ def resolve_sinks(tokens: Any, tokenizer: Any) -> tuple[int, ...]:
                        "exact tokens such as '[SEP]', '[CLS]' or '.'.")
     ids.append(int(i))
   return tuple(ids)
+
+
+def add_example_masks(masks: Any, example_BxLxL: Any, layers: tuple[int, ...],
+                      num_layers: int) -> tuple | None:
+  """Applies per-example masks (`sparse_attn.example_masks`) on `layers`.
+
+  Args:
+    masks: per-layer tuple of leaves [..., L, L] (None = dense) or None.
+    example_BxLxL: the batch's `example_mask`, bool.
+    layers: the layers it applies to; a masked one keeps what both masks keep.
+    num_layers: the model's layer count.
+
+  Returns:
+    The per-layer tuple with [B, H|1, L, L] leaves on `layers`.
+  """
+  if not layers:
+    return masks
+  jnp = _jnp()
+  ex = jnp.asarray(example_BxLxL, bool)[:, None]
+  masks = masks if masks is not None else (None,) * num_layers
+  out = []
+  for i, m in enumerate(masks):
+    if i not in layers:
+      out.append(m)
+    elif m is None:
+      out.append(ex)
+    else:
+      m = as_4d(jnp.asarray(m))
+      out.append(m & ex if m.dtype == jnp.bool_ else jnp.where(ex, m, jnp.zeros((), m.dtype)))
+  return tuple(out)
