@@ -124,13 +124,17 @@ def report(seeds: tuple[int, ...]) -> dict:
 
 def markdown(rep: dict, command: str) -> str:
   lines = [f"Command: `{command}`; wall time of the finished runs on the 2-core CPU: "
-           f"{rep['wall_s'] / 60:.0f} min.", ""]
+           f"{rep['wall_s'] / 60:.0f} min. One arm's runs: `python train.py "
+           "--config=configs/mlm.py:head=<root>/mlm_head,arm=A[,lam=L],seed=S`, then "
+           "`configs/finetune.py:max_len=128,init=<that run>[,mask]` (each record in "
+           "`docs/fidelity/records/sparsebert/` holds its exact command).", ""]
   if rep["head"]:
     lines += [f"Fitted masked-LM head on the frozen dense encoder: held-out masked-token "
               f"accuracy {rep['head']['accuracy']:.4f}, loss {rep['head']['loss']:.3f}.", ""]
   lines += ["| arm | sparsity, 128 x 128 matrix (SparseBERT's) | sparsity, valid pairs "
             "(masked LM / fine-tuning) | masked-token accuracy | masked-LM loss | "
-            "Rotten Tomatoes dev accuracy |", "|---|---|---|---|---|---|"]
+            "Rotten Tomatoes dev accuracy | wall time of its runs |",
+            "|---|---|---|---|---|---|---|"]
   for arm, r in rep["arms"].items():
     loss = (f"{sum(r['mlm_loss']) / len(r['mlm_loss']):.3f}" if r["mlm_loss"] else "pending")
     nxn = f"{r['sparsity_nxn']:.1%}" if r["sparsity_nxn"] is not None else "pending"
@@ -138,7 +142,7 @@ def markdown(rep: dict, command: str) -> str:
     ftp = (f"{r['ft_sparsity_pairs']:.1%}" if r["ft_sparsity_pairs"] is not None
            else "pending")
     lines.append(f"| {arm} | {nxn} | {pairs} / {ftp} | {pm(r.get('mlm_stats'))} | {loss} | "
-                 f"{pm(r.get('task_stats'))} |")
+                 f"{pm(r.get('task_stats'))} | {r['wall_s'] / 60:.1f} min |")
   lines += ["", *verdict_table(rep["compares"], metric_column=True)]
   return "\n".join(lines)
 
