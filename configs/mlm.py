@@ -14,7 +14,8 @@ packed into rows that fill all 128 positions, so sparsity over valid pairs and o
    arm = dense | nodiag | strided | fixed | longformer | logsparse | bigbird | star (the
    SparseBERT presets at their README sparsities, `masks.patterns.sparsebert_*`) |
    dam_u | dam_s (the Differentiable Attention Mask learned jointly, per head, one mask
-   for all layers, plain penalty lam x density: lam=X, default 0.3).
+   for all layers, the code's penalty lam x ||M||_1 over the 12 x 128 x 128 mask and its
+   initial logits ~ 0: lam=X, default 1e-4, the code's default and the README's smallest).
 Then SparseBERT's order, fine-tuning with the mask frozen, is configs/finetune.py at
 max_len=128 from the arm's encoder (`init=runs/<arm>`, with `masks=runs/<arm>/masks`).
 
@@ -55,7 +56,7 @@ def get_config(arg: str | None = None):
       raise ValueError("configs/mlm.py: phase two starts from a fitted head: add "
                        "head=<the fit_head run> (or fit_head to fit one).")
     c.init_from = "run:" + args["head"]
-    _arm(c, args.get("arm", "dense"), float(args.get("lam", 0.3)))
+    _arm(c, args.get("arm", "dense"), float(args.get("lam", 1e-4)))
   if "runlocal" in args:
     config_lib.apply_runlocal(c)
     c.train.max_eval_batches = 2
@@ -74,8 +75,9 @@ def _arm(c, arm: str, lam: float) -> None:
     s = dam_lib.default_config(arm)
     s.share = "all_layers"
     s.per_head = True
-    s.init_logit = 2.0          # Start near the pretrained dense model: P(keep) = 0.88.
-    s.penalty = "density"       # lam x mean mask density (the n x n matrix = valid pairs).
+    # The official code's search: logits ~ 0 (P(keep) = 0.5), penalty lam x ||M||_1
+    # summed over the H x n x n mask (counted once: one mask for all layers).
+    s.penalty = "l1_sum"
     s.lam = lam
     c.structure = s
     c.optimizer.groups = config_lib.structure_groups(0.1)
