@@ -18,8 +18,8 @@ The fast path: `prepare(masks, length)` turns frozen or fixed bool masks into wh
 attention backend runs (`attention.prepare_with_choice`: a `BlockSparseMask` where the
 policy says block-sparse pays, the bool array otherwise), on the host, once per length
 bucket. A structure without a learned method prepares its fixed masks the first time a
-step is traced at a length (`sample`), so training with fixed or exported masks runs
-block-sparse; evaluation prepares the frozen structure once per bucket and split.
+step is traced at a length for a platform (`sample`, `attention.platform()`), so
+training with fixed or exported masks runs block-sparse; evaluation prepares the frozen structure once per bucket and split.
 Masks learned while training (DAM logits, soft windows) are float and keep the dense,
 differentiable path. Sink links are per example, which a static block layout cannot
 express: runs with `masks.sink_tokens` keep the dense path, and say so.
@@ -126,10 +126,12 @@ class RunStructure:
       [B, H|1, L, L] when sinks apply), combined with the fixed masks.
     """
     if self.learned is None:
-      length = batch["input_ids"].shape[1]
-      if length not in self._fixed:   # Host side, once per length (at trace time).
-        self._fixed[length] = self.prepare(self.fixed, length)
-      return learn.Sample(masks=self._for_batch(self._fixed[length].masks, batch))
+      # Host side, once per length and target platform (at trace time): the policy's
+      # choice depends on both (`attention.target_platform`).
+      key = (attention.platform(), batch["input_ids"].shape[1])
+      if key not in self._fixed:
+        self._fixed[key] = self.prepare(self.fixed, key[1])
+      return learn.Sample(masks=self._for_batch(self._fixed[key].masks, batch))
     s = self.learned.sample(params, rng, step, train)
     masks = tree.combine(self.fixed, s.masks, self.combine)
     return learn.Sample(masks=self._for_batch(masks, batch), gates=s.gates,

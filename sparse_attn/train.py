@@ -50,7 +50,7 @@ from sparse_attn import state as state_lib
 from sparse_attn import structure as structure_lib
 from sparse_attn.optim import make_optimizer
 from sparse_attn.process import prepare_process
-from sparse_attn.train_steps import TrainState, make_eval_step, make_train_step
+from sparse_attn.train_steps import TrainState, jit_steps, make_eval_step
 
 # Kept importable from here for one more release (they moved with this one).
 from sparse_attn.evaluation import NonFiniteLossError, check_finite_metrics, evaluate_workdir
@@ -225,10 +225,8 @@ def _train(run: Run, t_start: float) -> dict[str, Any]:
                     total_steps)
   abstract = ckpt_lib.abstract(state)  # The restore target once `state` is donated.
   teacher, teacher_params = distill_lib.load_teacher(config, run.task)
-  train_step = jax.jit(make_train_step(run.module, run.structure, run.tx, run.task, teacher),
-                       in_shardings=(run.state_shardings, None, None),
-                       out_shardings=(run.state_shardings, None), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(run.module, run.task, run.structure))
+  train_step, eval_step = jit_steps(run.module, run.structure, run.tx, run.task,
+                                    run.state_shardings, teacher)
   writer = observe.MetricWriter(run.workdir, total_steps)
   cfg_dict = config.to_dict()
   main_split = config.train.eval_splits[0]

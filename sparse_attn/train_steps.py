@@ -168,3 +168,24 @@ def make_eval_step(module, task, structure: RunStructure):
             "examples": jnp.sum(batch["weights"])}
 
   return eval_step
+
+
+def jit_steps(module, structure: RunStructure, tx, task, state_shardings,
+              teacher: distill_lib.Teacher | None = None):
+  """The jitted train and eval steps of a run, as `train.train_and_evaluate` runs them.
+
+  The train step takes and returns the state laid out by `state_shardings` and donates
+  it. Executors are chosen when a step is first traced (for `attention.platform()`).
+
+  Args:
+    module, structure, tx, task, teacher: as in `make_train_step`.
+    state_shardings: the TrainState's shardings (`state.create_state`).
+
+  Returns:
+    (train_step(state, batch, teacher_params) -> (state, metrics),
+     eval_step(params, batch, masks, gates) -> predictions and loss sums).
+  """
+  train_step = jax.jit(make_train_step(module, structure, tx, task, teacher),
+                       in_shardings=(state_shardings, None, None),
+                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+  return train_step, jax.jit(make_eval_step(module, task, structure))

@@ -12,6 +12,9 @@ in four steps (docs/architecture.md draws them):
 3. `resolve`: 'auto' becomes a named executor (a `BlockSparseMask` runs on the executor
    the policy chose for it, `preferred`; arrays run on cuDNN for unmasked half-precision
    calls on GPU, on the dense reference otherwise);
+   "on GPU" means `platform()`: the running backend, or the platform named by
+   `with target_platform(...)` (`target.py`) while a function is traced for another
+   platform (`sparse_attn.lowering` exports the steps that way);
 4. `BACKENDS[name](query, key, value, mask=, key_valid=, bias=, dropout=, precision=)`.
 
 The executors (each must equal 'dense' on the same mask; tests/test_backend_contract.py
@@ -40,6 +43,7 @@ from sparse_attn.attention.kernels import cudnn, splash
 from sparse_attn.attention.kernels.blocksparse import executor as blocksparse_executor
 from sparse_attn.attention.kernels.blocksparse.mask import BlockSparseMask
 from sparse_attn.attention.kernels.blocksparse.plan import check_layout
+from sparse_attn.attention.target import platform, target_platform  # Re-exported.
 
 Array = jax.Array
 # An executor: (query [B,Q,H,D], key, value [B,K,H,D], *, mask: None | Array |
@@ -61,12 +65,6 @@ def register_backend(name: str) -> Callable[[Executor], Executor]:
     BACKENDS[name] = fn
     return fn
   return wrap
-
-
-def platform() -> str:
-  """The default JAX platform: 'cpu', 'gpu' or 'tpu'."""
-  name = jax.default_backend()
-  return "gpu" if name in ("cuda", "rocm") else name
 
 
 def _cudnn_unmasked(query: Array, mask, key_valid, bias, dropout) -> bool:

@@ -22,8 +22,9 @@ runs instead; `kernels.blocksparse.attend(..., impl='kernel')` then raises with 
 
 Scope: float32, one CPU device in the process (the custom call is
 not partitioned, so under a multi-device mesh the pure-JAX executor is used), CPU as the
-default backend (under `impl='auto'` the call sits in `lax.platform_dependent`, so a
-computation lowered for GPU / TPU still gets the pure-JAX executor). First derivatives
+target platform (`attention.target.platform()`: the default backend unless traced under
+`target_platform`; under `impl='auto'` the call also sits in `lax.platform_dependent`, so
+a computation lowered for GPU / TPU still gets the pure-JAX executor). First derivatives
 only: for second derivatives (e.g. Hessian-vector products) use `impl='xla'`. The
 choice is made when a function is traced; changing `SPARSE_ATTN_CPU_KERNEL` later does
 not affect functions already compiled.
@@ -52,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_attn.attention import target
 from sparse_attn.masks import layout as layout_lib
 from sparse_attn.pkgindex import sha256_of
 
@@ -255,8 +257,8 @@ def unsupported(query: jax.Array, key: jax.Array, value: jax.Array) -> str:
   """Why the kernel cannot run this call ('' if it can)."""
   if os.environ.get("SPARSE_ATTN_CPU_KERNEL", "1").lower() in ("0", "false", "no", "off"):
     return "it is disabled by SPARSE_ATTN_CPU_KERNEL"
-  if jax.default_backend() != "cpu":
-    return f"it runs on CPU only, and the default backend is {jax.default_backend()!r}"
+  if target.platform() != "cpu":
+    return f"it runs on CPU only, and the target platform is {target.platform()!r}"
   if any(x.dtype != jnp.float32 for x in (query, key, value)):
     return "it takes float32 only"
   if len(jax.devices("cpu")) > 1:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_attn.attention import target
 from sparse_attn.attention.kernels.blocksparse.mask import BlockSparseMask, row_has_key
 
 Array = jax.Array
@@ -44,7 +45,8 @@ def attend(obj: BlockSparseMask, query: Array, key: Array, value: Array, *,
     obj: the mask (no per-example layouts: Splash has no batch axis).
     query: [B, Q, H, D]; key, value: [B, K, H, D].
     key_valid: [B, K] padding mask (passed as Splash segment ids).
-    interpret: run the Pallas kernel in interpret mode (default: when not on TPU).
+    interpret: run the Pallas kernel in interpret mode (default: unless the target
+      platform, `attention.target.platform()`, is TPU).
 
   Returns:
     [B, Q, H, D]; fully masked rows are exactly zero, as in the dense reference.
@@ -54,7 +56,7 @@ def attend(obj: BlockSparseMask, query: Array, key: Array, value: Array, *,
   bsz, q_len, h, depth = query.shape
   k_len = key.shape[1]
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+    interpret = target.platform() != "tpu"
   masks = lay.to_splash_masks()                        # [Hm, Qp, Kp]
   if masks.shape[0] not in (1, h):
     raise ValueError(f"Layout has {masks.shape[0]} heads; the call has {h}.")
