@@ -174,7 +174,7 @@ def _keep(cfg: _Cfg, seed, qblock, kblock):
 
 def _dot(a, b, **kw):
   precision = (jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None)
-  return pl.dot(a, b, precision=precision, **kw)
+  return plgpu.dot(a, b, precision=precision, **kw)
 
 
 def _masked_scores(cfg: _Cfg, q, k, pidx_ref, tiles_ref, kvalid, at):
