@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from sparse_attn import attention
+from sparse_attn.attention import policy
 from sparse_attn.attention.kernels import gpu
 from sparse_attn.attention.kernels.blocksparse import executor
 from sparse_attn.masks import layout as layout_lib
@@ -189,7 +190,7 @@ def test_dropout_gradients_use_the_forward_pattern():
     np.testing.assert_allclose(jnp.vdot(grads[i], t), fd, rtol=2e-3, atol=2e-3)
 
 
-# ---- CUDA lowering and executor wiring ----------------------------------------------------
+# ---- CUDA lowering and executor wiring -------------------------------------------------
 
 def _export_cuda(fn, *args):
   return jax.export.export(
@@ -206,8 +207,9 @@ def test_forward_and_backward_lower_for_cuda_through_the_executor(dtype, monkeyp
 
   def step(q, k, v, kv, rng):
     def loss(q, k, v):
-      out = attention.dot_product_attention(q, k, v, mask=obj, key_valid=kv, dropout_rng=rng,
-                                            dropout_rate=0.1, backend="blocksparse")
+      out = attention.dot_product_attention(q, k, v, mask=obj, key_valid=kv,
+                                            dropout_rng=rng, dropout_rate=0.1,
+                                            backend="blocksparse")
       return jnp.sum(out.astype(jnp.float32))
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
@@ -233,3 +235,26 @@ def test_outside_its_scope_the_executor_runs_pure_jax_with_the_reason(monkeypatc
   monkeypatch.setenv("SPARSE_ATTN_GPU_KERNEL", "0")
   assert "SPARSE_ATTN_GPU_KERNEL" in executor.gpu_unsupported(
       obj.layout, jnp.zeros((B, L, H, D), jnp.bfloat16))
+
+
+# ---- policy ----------------------------------------------------------------------------
+
+def test_the_gpu_policy_uses_the_kernel_cost_model_where_the_kernel_runs(monkeypatch):
+  n = 4096
+  band_global = patterns.union(patterns.window(n, 128), patterns.global_tokens(n, 2))
+  c, lay = attention.choose(band_global, platform_name="gpu", dtype=jnp.bfloat16,
+                            head_dim=64)
+  assert c.executor == "blocksparse" and lay is not None
+  cm = attention.COST_MODELS["gpu_kernel"]
+  slots = float(np.mean(np.sum(lay.block_mask != layout_lib.EMPTY, -1)))
+  assert c.predicted_speedup == pytest.approx(
+      cm.speedup(lay.num_k_blocks, slots, c.block_size))
+  # Nearly dense: the kernel cannot pay, dense runs.
+  c, lay = attention.choose(patterns.window(n, 3000), platform_name="gpu",
+                            dtype=jnp.float32, head_dim=64)
+  assert c.executor == "dense" and lay is None
+  # A head size outside the kernel's scope, or the kernel turned off: the pure-JAX table.
+  gpu_xla = attention.COST_MODELS["gpu"]
+  assert policy._cost_model("gpu", jnp.bfloat16, 8) is gpu_xla
+  monkeypatch.setenv("SPARSE_ATTN_GPU_KERNEL", "0")
+  assert policy._cost_model("gpu", jnp.bfloat16, 64) is gpu_xla

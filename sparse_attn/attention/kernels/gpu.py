@@ -62,6 +62,18 @@ def _pow2_in(n: int, lo: int = 16, hi: int = 128) -> bool:
   return lo <= n <= hi and n & (n - 1) == 0
 
 
+def out_of_scope(dtype, head_dim: int | None, block_size: int | None) -> str:
+  """Why inputs of this dtype, head size and block size are outside the kernel's scope
+  ('' if they are inside; None: not known yet, not checked)."""
+  if np.dtype(dtype) not in _DTYPES:
+    return f"it takes bfloat16, float16 or float32, not {np.dtype(dtype).name}"
+  if block_size is not None and not _pow2_in(block_size):
+    return f"its block size must be a power of two in [16, 128], not {block_size}"
+  if head_dim is not None and not _pow2_in(head_dim):
+    return f"its head size must be a power of two in [16, 128], not {head_dim}"
+  return ""
+
+
 def unsupported(lay: layout_lib.BlockLayout, query: Array) -> str:
   """Why the kernel cannot run this call ('' if it can).
 
@@ -69,12 +81,14 @@ def unsupported(lay: layout_lib.BlockLayout, query: Array) -> str:
     lay: the block layout.
     query: [B, Q, H, D] (its dtype and head size matter).
   """
-  if np.dtype(query.dtype) not in _DTYPES:
-    return f"it takes bfloat16, float16 or float32, not {query.dtype}"
-  if not _pow2_in(lay.block_size):
-    return f"its block size must be a power of two in [16, 128], not {lay.block_size}"
-  if not _pow2_in(query.shape[-1]):
-    return f"its head size must be a power of two in [16, 128], not {query.shape[-1]}"
+  return out_of_scope(query.dtype, query.shape[-1], lay.block_size)
+
+
+def disabled() -> str:
+  """Why the executors must not pick the kernel on their own ('' unless
+  $SPARSE_ATTN_GPU_KERNEL is 0 / false / no / off)."""
+  if os.environ.get("SPARSE_ATTN_GPU_KERNEL", "1").lower() in ("0", "false", "no", "off"):
+    return "it is disabled by SPARSE_ATTN_GPU_KERNEL"
   return ""
 
 

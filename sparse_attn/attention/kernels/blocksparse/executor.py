@@ -259,9 +259,7 @@ def gpu_unsupported(lay, query: Array) -> str:
     lay: the block layout.
     query: [B, Q, H, D].
   """
-  if os.environ.get("SPARSE_ATTN_GPU_KERNEL", "1").lower() in ("0", "false", "no", "off"):
-    return "it is disabled by SPARSE_ATTN_GPU_KERNEL"
-  return gpu_kernel.unsupported(lay, query)
+  return gpu_kernel.disabled() or gpu_kernel.unsupported(lay, query)
 
 
 def _attend_xla(plan, query, key, value, gmasks, key_valid, dropout_rng, rate, head_loop,
