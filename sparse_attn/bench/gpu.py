@@ -105,7 +105,8 @@ def _fwd_bwd(fn, w):
 
 
 def bench_attention(s: Shapes, length: int, name: str, mask: np.ndarray) -> dict:
-  """Times cudnn / blocksparse / dense_masked at one length and layout (module docstring)."""
+  """Times cudnn / blocksparse / dense_masked at one length and layout (see the module
+  docstring); returns the row: densities, median ms, speed-ups, ideal, fraction, error."""
   obj = attention.BlockSparseMask.from_mask(mask, s.block)
   rho = obj.layout.block_density
   rng = np.random.default_rng(0)
@@ -194,21 +195,26 @@ def markdown(res: dict) -> str:
            f"| L | layout | b | rho | {d} fwd ms | kernel fwd ms | {d} f+b ms | "
            "kernel f+b ms | masked dense f+b ms | speed-up f+b | 1/rho | of ideal f+b | "
            "max err |", "|" + " --- |" * 13]
+  nan = float("nan")
   for r in res["attention"]:
     ms = r["ms"]
-    lines.append(
-        f"| {r['length']} | {r['layout']} | {r['block_size']} | {r['block_density']:.3f} | "
-        f"{ms['cudnn/fwd']:.3f} | {ms['blocksparse/fwd']:.3f} | {ms['cudnn/fwd_bwd']:.3f} | "
-        f"{ms['blocksparse/fwd_bwd']:.3f} | {ms.get('dense_masked/fwd_bwd', float('nan')):.3f}"
-        f" | {r['speedup_fwd_bwd']:.2f} | {r['ideal']:.1f} | {r['of_ideal_fwd_bwd']:.2f} | "
-        f"{r.get('max_abs_err_vs_dense_masked', float('nan')):.2e} |")
+    cells = [str(r["length"]), r["layout"], str(r["block_size"]),
+             f"{r['block_density']:.3f}",
+             *(f"{ms.get(k, nan):.3f}" for k in ("cudnn/fwd", "blocksparse/fwd",
+                                                "cudnn/fwd_bwd", "blocksparse/fwd_bwd",
+                                                "dense_masked/fwd_bwd")),
+             f"{r['speedup_fwd_bwd']:.2f}", f"{r['ideal']:.1f}",
+             f"{r['of_ideal_fwd_bwd']:.2f}",
+             f"{r.get('max_abs_err_vs_dense_masked', nan):.2e}"]
+    lines.append("| " + " | ".join(cells) + " |")
   if res.get("train_step"):
     r = res["train_step"]
     lines += ["", "| train step | L | B | rho | dense ms | block-sparse ms | speed-up |",
               "| --- | --- | --- | --- | --- | --- | --- |",
               f"| MiniLM shape ({r['layers']} x {r['hidden']}, {r['heads']} heads) | "
               f"{r['length']} | {r['batch']} | {r['block_density']:.3f} | "
-              f"{r['ms']['dense']:.2f} | {r['ms']['blocksparse']:.2f} | {r['speedup']:.2f} |"]
+              f"{r['ms']['dense']:.2f} | {r['ms']['blocksparse']:.2f} | "
+              f"{r['speedup']:.2f} |"]
   return "\n".join(lines) + "\n"
 
 
@@ -219,18 +225,23 @@ def run(s: Shapes, out_dir: pathlib.Path, train: bool = True) -> dict:
          "jax": jax.__version__, "machine": timing.machine_description(),
          "dense_impl": _dense_impl() or "xla",
          "shapes": dataclasses.asdict(s), "attention": [], "train_step": None}
+  def save():   # After every row, so that a run cut short keeps what it measured.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu_results.json").write_text(json.dumps(res, indent=1))
+    (out_dir / "gpu_results.md").write_text(markdown(res))
+
   for length in s.lengths:
     mask, g = band_global(length, s.block, s.window, s.density)
     row = bench_attention(s, length, "band_global", mask)
     row["global_tokens"] = g
     res["attention"].append(row)
+    save()
     res["attention"].append(bench_attention(
         s, length, "random_blocks", random_blocks(length, s.block, row["block_density"])))
+    save()
   if train:
     res["train_step"] = bench_train_step(s)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "gpu_results.json").write_text(json.dumps(res, indent=1))
-  (out_dir / "gpu_results.md").write_text(markdown(res))
+    save()
   return res
 
 
@@ -255,9 +266,9 @@ def main(argv=None) -> dict:
   res = run(s, pathlib.Path(args.out), train=not args.no_train)
   sys.stdout.write(markdown(res))
   for r in res["attention"]:
-    print(f"L={r['length']} {r['layout']}: speed-up vs {res['dense_impl']} fwd {r['speedup_fwd']:.2f}x, "
-          f"fwd+bwd {r['speedup_fwd_bwd']:.2f}x; ideal 1/rho {r['ideal']:.1f}x; fraction "
-          f"of ideal {r['of_ideal_fwd_bwd']:.2f}")
+    print(f"L={r['length']} {r['layout']}: speed-up vs {res['dense_impl']} fwd "
+          f"{r['speedup_fwd']:.2f}x, fwd+bwd {r['speedup_fwd_bwd']:.2f}x; ideal 1/rho "
+          f"{r['ideal']:.1f}x; fraction of ideal {r['of_ideal_fwd_bwd']:.2f}")
   if res["train_step"]:
     print(f"train step L={s.train_length}: speed-up {res['train_step']['speedup']:.2f}x "
           f"(rho {res['train_step']['block_density']:.3f})")
