@@ -8,7 +8,8 @@ head) walks its list with an online softmax in float32 and saves O and the row
 log-sum-exp. The backward recomputes the probabilities from the log-sum-exp, in two
 kernels: dQ walks the same query-major lists; dK and dV walk the transposed lists (per
 key block, the query blocks that attend to it), so each program alone writes its key
-block's rows and nothing is accumulated atomically. Empty tiles are never loaded.
+block's rows and nothing is accumulated atomically. Empty tiles are never loaded. The
+programs themselves are in `kernels.gpu_programs`; this module holds the host side.
 
 Why Pallas's Triton lowering rather than Mosaic GPU: the Triton lowering serialises the
 kernel into the HLO (a `__gpu$xla.gpu.triton` custom call) at lowering time, so a
@@ -41,7 +42,6 @@ C / CT longest tile list of a query / key block, P unique partial tiles.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
@@ -51,10 +51,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from sparse_attn.attention.kernels import gpu_programs as programs
 from sparse_attn.masks import layout as layout_lib
 
 Array = jax.Array
-_NEG = -0.7 * float(np.finfo(np.float32).max)   # Finite: masked scores never make NaN.
 _DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16), np.dtype(jnp.float32))
 
 
@@ -136,173 +136,6 @@ def tables(lay: layout_lib.BlockLayout) -> dict[str, object]:
           "tiles": np.ascontiguousarray(tiles.astype(np.int8))}
 
 
-# ---- the kernels (traced) ---------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Cfg:
-  """Static parameters of one call's kernels."""
-  b: int
-  nq: int
-  nk: int
-  c: int
-  ct: int
-  bm: int            # The layout's batch and head dims (1: shared).
-  hm: int
-  heads: int
-  k_pad: int         # NK * b.
-  scale: float
-  rate: float
-  has_partial: bool
-  has_kvalid: bool
-  interpret: bool
-  num_warps: int
-  num_stages: int
-
-
-def _row(cfg: _Cfg, blocks: int, i, bi, hi):
-  """Index of (example, head, block i) in a flattened [Bm, Hm, blocks] table."""
-  bm_i = bi if cfg.bm > 1 else 0
-  hm_i = hi if cfg.hm > 1 else 0
-  return (bm_i * cfg.hm + hm_i) * blocks + i
-
-
-def _mix32(x):
-  """A 32-bit integer hash (lowbias32: xor-shift / multiply rounds)."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x7FEB352D)
-  x = x ^ (x >> 15)
-  x = x * jnp.uint32(0x846CA68B)
-  return x ^ (x >> 16)
-
-
-def _keep(cfg: _Cfg, seed, qblock, kblock):
-  """Dropout keep mask bool [b, b] of tile (qblock, kblock) of one (example, head)."""
-  b = cfg.b
-  qpos = (qblock * b + jnp.arange(b, dtype=jnp.int32))[:, None]
-  kpos = (kblock * b + jnp.arange(b, dtype=jnp.int32))[None, :]
-  x = (qpos * cfg.k_pad + kpos).astype(jnp.uint32)
-  bits = _mix32(_mix32(x ^ seed) + seed)
-  threshold = int(round(cfg.rate * (1 << 24)))
-  return (bits >> 8).astype(jnp.int32) >= threshold
-
-
-def _dot(a, b, **kw):
-  precision = (jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None)
-  return plgpu.dot(a, b, precision=precision, **kw)
-
-
-def _masked_scores(cfg: _Cfg, q, k, pidx_ref, tiles_ref, kvalid, at):
-  """Scaled, masked scores float32 [b, b] of one tile (`at`: its pidx table entry)."""
-  s = _dot(q, k, trans_b=True) * cfg.scale
-  mask = None
-  if cfg.has_partial:
-    p_i = pidx_ref[at]
-    tile = tiles_ref[jnp.maximum(p_i, 0)]                 # [b, b] int8
-    mask = jnp.logical_or(tile != 0, p_i < 0)
-  if kvalid is not None:
-    kv = kvalid[None, :]
-    mask = kv if mask is None else jnp.logical_and(mask, kv)
-  return s if mask is None else jnp.where(mask, s, _NEG)
-
-
-def _fwd_kernel(num_ref, cols_ref, pidx_ref, tiles_ref, kvalid_ref, seed_ref, q_ref,
-                k_ref, v_ref, o_ref, lse_ref, *, cfg: _Cfg):
-  i, bi, hi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  b = cfg.b
-  row = _row(cfg, cfg.nq, i, bi, hi)
-  base = row * cfg.c
-  q = q_ref[...]                                          # [b, D]
-  seed = seed_ref[bi * cfg.heads + hi] if cfg.rate > 0.0 else None
-
-  def body(j, carry):
-    acc, m, l = carry
-    kb = cols_ref[base + j]
-    ks = pl.ds(pl.multiple_of(kb * b, b), b)
-    kvalid = None if kvalid_ref is None else kvalid_ref[ks] != 0
-    s = _masked_scores(cfg, q, k_ref[ks, :], pidx_ref, tiles_ref, kvalid, base + j)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    corr = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[:, None])
-    l = l * corr + jnp.sum(p, axis=-1)
-    if cfg.rate > 0.0:   # Dropout of the normalised weights: z is summed before it.
-      p = jnp.where(_keep(cfg, seed, i, kb), p * (1.0 / (1.0 - cfg.rate)), 0.0)
-    v = v_ref[ks, :]
-    acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l
-
-  d = q.shape[-1]
-  init = (jnp.zeros((b, d), jnp.float32), jnp.full((b,), _NEG, jnp.float32),
-          jnp.zeros((b,), jnp.float32))
-  acc, m, l = jax.lax.fori_loop(0, num_ref[row], body, init)
-  # A row with no attendable key keeps max = _NEG: it outputs 0, and its log-sum-exp is
-  # +inf so that the backward's recomputed probabilities are 0 too.
-  ok = m > 0.5 * _NEG
-  l_safe = jnp.where(ok, l, 1.0)
-  o_ref[...] = jnp.where(ok[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), jnp.inf)
-
-
-def _dq_kernel(num_ref, cols_ref, pidx_ref, tiles_ref, kvalid_ref, seed_ref, q_ref, k_ref,
-               v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Cfg):
-  i, bi, hi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  b = cfg.b
-  row = _row(cfg, cfg.nq, i, bi, hi)
-  base = row * cfg.c
-  q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
-  seed = seed_ref[bi * cfg.heads + hi] if cfg.rate > 0.0 else None
-
-  def body(j, dq):
-    kb = cols_ref[base + j]
-    ks = pl.ds(pl.multiple_of(kb * b, b), b)
-    kvalid = None if kvalid_ref is None else kvalid_ref[ks] != 0
-    k = k_ref[ks, :]
-    s = _masked_scores(cfg, q, k, pidx_ref, tiles_ref, kvalid, base + j)
-    p = jnp.exp(s - lse[:, None])
-    dp = _dot(do, v_ref[ks, :], trans_b=True)
-    if cfg.rate > 0.0:
-      dp = jnp.where(_keep(cfg, seed, i, kb), dp * (1.0 / (1.0 - cfg.rate)), 0.0)
-    ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k)
-
-  dq = jax.lax.fori_loop(0, num_ref[row], body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
-
-
-def _dkv_kernel(num_ref, rows_ref, pidx_ref, tiles_ref, kvalid_ref, seed_ref, q_ref, k_ref,
-                v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Cfg):
-  j, bi, hi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  b = cfg.b
-  col = _row(cfg, cfg.nk, j, bi, hi)
-  base = col * cfg.ct
-  k, v = k_ref[...], v_ref[...]                          # [b, D]: key block j
-  kvalid = None if kvalid_ref is None else kvalid_ref[...] != 0
-  seed = seed_ref[bi * cfg.heads + hi] if cfg.rate > 0.0 else None
-
-  def body(t, carry):
-    dk, dv = carry
-    qb = rows_ref[base + t]
-    qs = pl.ds(pl.multiple_of(qb * b, b), b)
-    q, do = q_ref[qs, :], do_ref[qs, :]
-    s = _masked_scores(cfg, q, k, pidx_ref, tiles_ref, kvalid, base + t)  # [q, k]
-    p = jnp.exp(s - lse_ref[qs][:, None])
-    dp = _dot(do, v, trans_b=True)
-    pd = p
-    if cfg.rate > 0.0:
-      keep = _keep(cfg, seed, qb, j)
-      pd = jnp.where(keep, p * (1.0 / (1.0 - cfg.rate)), 0.0)
-      dp = jnp.where(keep, dp * (1.0 / (1.0 - cfg.rate)), 0.0)
-    ds = p * (dp - delta_ref[qs][:, None])
-    dv = dv + _dot(pd.astype(do.dtype), do, trans_a=True)
-    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
-    return dk, dv
-
-  zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(0, num_ref[col], body, (zeros, zeros))
-  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
 # ---- pallas calls -----------------------------------------------------------------------
 
 def _whole(x):
@@ -310,7 +143,7 @@ def _whole(x):
   return None if x is None else pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _call(kernel, cfg: _Cfg, grid, in_specs, out_specs, out_shape, name, *args):
+def _call(kernel, cfg: programs.Cfg, grid, in_specs, out_specs, out_shape, name, *args):
   return pl.pallas_call(
       functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs,
       out_specs=out_specs, out_shape=out_shape, interpret=cfg.interpret, name=name,
@@ -318,7 +151,7 @@ def _call(kernel, cfg: _Cfg, grid, in_specs, out_specs, out_shape, name, *args):
                                            num_stages=cfg.num_stages))(*args)
 
 
-def _specs(cfg: _Cfg, q_len: int, d: int, major: str):
+def _specs(cfg: programs.Cfg, q_len: int, d: int, major: str):
   """BlockSpecs of q, k, v, do (inputs [B, L, H, D]) and lse, delta ([B, H, Q]) for a
   grid (blocks, B, H): the program's own block of the `major` side, the whole sequence
   of the other."""
@@ -333,7 +166,7 @@ def _specs(cfg: _Cfg, q_len: int, d: int, major: str):
   return q_all, own, own, q_all, stat_all, stat_all
 
 
-def _kvalid_spec(cfg: _Cfg, major: str):
+def _kvalid_spec(cfg: programs.Cfg, major: str):
   if not cfg.has_kvalid:
     return None
   if major == "q":
@@ -341,7 +174,7 @@ def _kvalid_spec(cfg: _Cfg, major: str):
   return pl.BlockSpec((None, cfg.b), lambda j, bi, hi: (bi, j))
 
 
-def _forward(cfg: _Cfg, q, k, v, kvalid, seeds, qtab, tiles):
+def _forward(cfg: programs.Cfg, q, k, v, kvalid, seeds, qtab, tiles):
   bsz, q_len, h, d = q.shape
   grid = (cfg.nq, bsz, h)
   qs, ks, vs, os_, ls, _ = _specs(cfg, q_len, d, "q")
@@ -349,7 +182,7 @@ def _forward(cfg: _Cfg, q, k, v, kvalid, seeds, qtab, tiles):
               _whole(seeds), qs, ks, vs]
   out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((bsz, h, q_len), jnp.float32))
-  return _call(_fwd_kernel, cfg, grid, in_specs, (os_, ls), out_shape,
+  return _call(programs.fwd_kernel, cfg, grid, in_specs, (os_, ls), out_shape,
                "blocksparse_attention_fwd", *qtab, tiles, kvalid, seeds, q, k, v)
 
 
@@ -370,13 +203,13 @@ def _core_bwd(cfg, res, do):
   do = do.astype(q.dtype)
   delta = jnp.einsum("blhd,blhd->bhl", do.astype(jnp.float32), o.astype(jnp.float32))
   qs, ks, vs, dos, ls, dls = _specs(cfg, q_len, d, "q")
-  dq = _call(_dq_kernel, cfg, (cfg.nq, bsz, h),
+  dq = _call(programs.dq_kernel, cfg, (cfg.nq, bsz, h),
              [*(_whole(t) for t in qtab), _whole(tiles), _kvalid_spec(cfg, "q"),
               _whole(seeds), qs, ks, vs, dos, ls, dls], qs,
              jax.ShapeDtypeStruct(q.shape, q.dtype), "blocksparse_attention_dq",
              *qtab, tiles, kvalid, seeds, q, k, v, do, lse, delta)
   qs, ks, vs, dos, ls, dls = _specs(cfg, q_len, d, "k")
-  dk, dv = _call(_dkv_kernel, cfg, (cfg.nk, bsz, h),
+  dk, dv = _call(programs.dkv_kernel, cfg, (cfg.nk, bsz, h),
                  [*(_whole(t) for t in ktab), _whole(tiles), _kvalid_spec(cfg, "k"),
                   _whole(seeds), qs, ks, vs, dos, ls, dls], (ks, vs),
                  (jax.ShapeDtypeStruct(k.shape, k.dtype),
@@ -444,11 +277,11 @@ def attend(lay: layout_lib.BlockLayout, query: Array, key: Array, value: Array, 
   tiles = jnp.asarray(tab["tiles"])
   seeds = (jax.random.bits(dropout_rng, (bsz * h,), jnp.uint32) if rate > 0.0
            else jnp.zeros((1,), jnp.uint32))
-  cfg = _Cfg(b=b, nq=nq, nk=nk, c=tab["c"], ct=tab["ct"], bm=lay.block_mask.shape[0],
-             hm=lay.block_mask.shape[1], heads=h, k_pad=nk * b,
-             scale=float(1.0 / np.sqrt(depth)), rate=rate,
-             has_partial=bool(len(lay.partial_blocks)), has_kvalid=kvalid is not None,
-             interpret=interpret_default() if interpret is None else bool(interpret),
-             num_warps=num_warps or (4 if b <= 64 else 8), num_stages=num_stages)
+  cfg = programs.Cfg(
+      b=b, nq=nq, nk=nk, c=tab["c"], ct=tab["ct"], bm=lay.block_mask.shape[0],
+      hm=lay.block_mask.shape[1], heads=h, k_pad=nk * b, scale=float(1.0 / np.sqrt(depth)),
+      rate=rate, has_partial=bool(len(lay.partial_blocks)), has_kvalid=kvalid is not None,
+      interpret=interpret_default() if interpret is None else bool(interpret),
+      num_warps=num_warps or (4 if b <= 64 else 8), num_stages=num_stages)
   o = _core(cfg, q, k, v, kvalid, seeds, qtab, ktab, tiles)
   return o[:, :q_len]
