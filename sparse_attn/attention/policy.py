@@ -30,6 +30,7 @@ import numpy as np
 from sparse_attn.attention import seam
 from sparse_attn.attention.kernels import cpu as cpu_kernel
 from sparse_attn.attention.kernels import cudnn
+from sparse_attn.attention.kernels import gpu as gpu_kernel
 from sparse_attn.attention.kernels.blocksparse.mask import BlockSparseMask
 from sparse_attn.attention.kernels.blocksparse.plan import make_plan
 from sparse_attn.masks import layout as layout_lib
@@ -58,7 +59,8 @@ class CostModel:
   `python -m sparse_attn.bench` rows (docs/benchmarks.md says on what and how). The
   default table is the pure-JAX executor's; 'cpu_kernel' is the compiled CPU kernel's.
   GPU / TPU tables follow published block-sparse efficiencies (~0.6-0.9 of ideal) until
-  measured there.
+  measured there: 'gpu' is the pure-JAX executor on GPU, 'gpu_kernel' the Pallas GPU
+  kernel (`kernels.gpu`), both unmeasured (scripts/device_check.sh measures them).
   """
   eff_table: tuple[tuple[int, float], ...] = ((16, 0.12), (32, 0.26), (64, 0.46),
                                               (128, 0.58), (256, 0.58))
@@ -84,6 +86,14 @@ COST_MODELS = {
     "cpu_kernel": CostModel(eff_table=((16, 0.12), (32, 0.64), (64, 0.86), (128, 1.24),
                                        (256, 1.25)), padded_slots=False),
     "gpu": CostModel(eff_table=((32, 0.3), (64, 0.55), (128, 0.65), (256, 0.65))),
+    # Unmeasured, a published estimate: block-sparse FlashAttention's time falls in
+    # proportion to the tiles it computes, and dense FlashAttention is several times
+    # faster than the materialised attention that 'dense' runs for a mask array (Dao et
+    # al. 2022, FlashAttention, sec. 3.3 and sec. 4). The efficiencies stay under 1 and
+    # the call overhead high, so 'auto' keeps a margin until scripts/device_check.sh has
+    # measured the kernel. Each query block walks its own tile list (padded_slots False).
+    "gpu_kernel": CostModel(eff_table=((16, 0.25), (32, 0.45), (64, 0.8), (128, 0.9)),
+                            call_overhead=1.0, min_length=1024, padded_slots=False),
     "tpu": CostModel(eff_table=((128, 0.8), (256, 0.85), (512, 0.9)), min_length=1024,
                      padded_slots=False),
 }
@@ -122,11 +132,14 @@ def _best_block(m: np.ndarray, cm: CostModel, block_sizes: Sequence[int]
   return best
 
 
-def _cost_model(plat: str, dtype: Any) -> CostModel:
+def _cost_model(plat: str, dtype: Any, head_dim: int | None = None) -> CostModel:
   key = plat
   if plat == "cpu" and np.dtype(dtype) == np.float32:
     probe = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32)
     key = "cpu" if cpu_kernel.unsupported(probe, probe, probe) else "cpu_kernel"
+  if plat == "gpu" and not (gpu_kernel.disabled() or gpu_kernel.out_of_scope(
+      dtype, head_dim, None)):
+    key = "gpu_kernel"   # Every GPU candidate block size (BLOCK_SIZES) is in its scope.
   return COST_MODELS.get(key, CostModel())
 
 
@@ -143,7 +156,8 @@ def choose(mask: Any, *, platform_name: str | None = None,
     min_speedup: block-sparse is chosen only if predicted to be at least this much
       faster than dense (the margin that keeps 'auto' from being slower than dense).
     cost_model: overrides `COST_MODELS[platform]` (on CPU: 'cpu_kernel' when the
-      compiled kernel will run the calls, i.e. float32 and the kernel is available).
+      compiled kernel will run the calls, i.e. float32 and the kernel is available; on
+      GPU: 'gpu_kernel' when the Pallas kernel will, i.e. a head size in its scope).
     dtype, head_dim: the attention inputs' dtype and head size (cuDNN / CPU-kernel
       eligibility).
 
@@ -151,7 +165,7 @@ def choose(mask: Any, *, platform_name: str | None = None,
     (Choice, the BlockLayout at the chosen block size or None for dense).
   """
   plat = platform_name or seam.platform()
-  cm = cost_model or _cost_model(plat, dtype)
+  cm = cost_model or _cost_model(plat, dtype, head_dim)
   m = np.asarray(mask)
   q_len, k_len = m.shape[-2:]
   if plat == "gpu":
@@ -259,7 +273,7 @@ def prepare_with_choice(mask: Any, *, executor: str = "auto",
     m = np.asarray(mask).astype(bool)
     plat = platform_name or seam.platform()
     cm = choose_kwargs.get("cost_model") or _cost_model(plat, choose_kwargs.get(
-        "dtype", jnp.float32))
+        "dtype", jnp.float32), choose_kwargs.get("head_dim"))
     s, b, lay = _best_block(m, cm, choose_kwargs.get("block_sizes") or BLOCK_SIZES.get(
         plat, BLOCK_SIZES["cpu"])) or (1.0, m.shape[-1], layout_lib.from_mask(
             m, m.shape[-1]))

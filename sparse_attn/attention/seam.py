@@ -20,7 +20,8 @@ in four steps (docs/architecture.md draws them):
 The executors (each must equal 'dense' on the same mask; tests/test_backend_contract.py
 checks every registered one):
   * 'dense': the reference (`dense.py`); a `BlockSparseMask` runs as its element mask.
-  * 'blocksparse': `kernels.blocksparse` (the compiled CPU kernel where it applies).
+  * 'blocksparse': `kernels.blocksparse` (the compiled CPU kernel on CPU and the Pallas
+    GPU kernel, `kernels.gpu`, on CUDA where they apply; the pure-JAX executor else).
   * 'splash': TPU Splash attention; dropout and per-example layouts run 'blocksparse'.
   * 'cudnn': GPU cuDNN flash attention for no mask, a full layout or one local window;
     anything else runs 'blocksparse'.

@@ -15,8 +15,12 @@ run side by side.
 
 On CPU, `attend` runs the same computation as the compiled kernel of `kernels.cpu` (a
 `jax.ffi` custom call that spreads tiles over XLA's thread pool) whenever it applies
-(float32, one CPU device, a C++ compiler on the host); `impl='xla'` forces this module's
-executor, which is also what GPU and TPU lower. docs/benchmarks.md has the measurements.
+(float32, one CPU device, a C++ compiler on the host); on CUDA GPUs, the Pallas kernel of
+`kernels.gpu` whenever it applies (block and head sizes powers of two in [16, 128]);
+`impl='xla'` forces this module's executor, which is also what TPU (and a call outside
+the kernels' scope) lowers. The choice sits in `lax.platform_dependent`, so a function
+exported for CUDA on a CPU host gets the GPU kernel. docs/benchmarks.md has the
+measurements.
 
 Shape legend: B batch, L sequence length, Q / K query / key length, H heads, D head dim,
 b block size, NQ / NK number of query / key blocks, M slots of a group.
@@ -25,6 +29,7 @@ b block size, NQ / NK number of query / key blocks, M slots of a group.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import jax
@@ -32,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attn.attention.kernels import cpu as cpu_kernel
+from sparse_attn.attention.kernels import gpu as gpu_kernel
 from sparse_attn.attention.kernels.blocksparse.plan import (
     Group, Plan, check_layout, device_masks, slot_keys, slot_keys_transpose)
 
@@ -188,15 +194,18 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
       per step), lowered until it divides that.
     impl: 'xla' (this module's pure-JAX executor, every platform), 'kernel' (the
       compiled multithreaded CPU kernel of `kernels.cpu`; raises if it cannot run this
-      call) or 'auto' (the kernel on CPU when it can run the call, else 'xla'; GPU and
-      TPU always lower 'xla'). The kernel has first derivatives only: use 'xla' for
-      second derivatives. head_loop, heads_per_step and loops tune 'xla' only.
+      call), 'gpu' (the Pallas GPU kernel of `kernels.gpu` on every platform, which
+      outside CUDA needs its interpreter, $SPARSE_ATTN_GPU_INTERPRET=1; raises if it
+      cannot run this call) or 'auto' (per platform, when lowered: the CPU kernel on
+      CPU and the GPU kernel on CUDA when they can run the call, else 'xla'; TPU lowers
+      'xla'). The kernels have first derivatives only: use 'xla' for second
+      derivatives. head_loop, heads_per_step and loops tune 'xla' only.
 
   Returns:
     [B, Q, H, D] attention output in the dtype of `query`.
   """
-  if impl not in ("auto", "xla", "kernel"):
-    raise ValueError(f"impl must be 'auto', 'xla' or 'kernel'; got {impl!r}.")
+  if impl not in ("auto", "xla", "kernel", "gpu"):
+    raise ValueError(f"impl must be 'auto', 'xla', 'kernel' or 'gpu'; got {impl!r}.")
   lay = plan.layout
   bsz, q_len, h, depth = query.shape
   k_len = key.shape[1]
@@ -209,17 +218,48 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
                             head_loop, heads_per_step, loops)
   if impl == "xla":
     return xla()
-  why = cpu_kernel.unsupported(query, key, value)
-  if why:
-    if impl == "kernel":
-      raise ValueError(f"impl='kernel' cannot run this call: {why}. Use impl='auto' or "
+  gpu = lambda: gpu_kernel.attend(lay, query, key, value, key_valid=key_valid,
+                                  dropout_rng=dropout_rng, dropout_rate=rate)
+  if impl == "gpu":
+    if why := gpu_kernel.unsupported(lay, query):
+      raise ValueError(f"impl='gpu' cannot run this call: {why}. Use impl='auto' or "
                        "'xla'.")
-    return xla()
+    return gpu()
+  why = cpu_kernel.unsupported(query, key, value)
+  if why and impl == "kernel":
+    raise ValueError(f"impl='kernel' cannot run this call: {why}. Use impl='auto' or "
+                     "'xla'.")
   kernel = lambda: cpu_kernel.attend(lay, query, key, value, key_valid, dropout_rng,
                                      rate).astype(query.dtype)
   if impl == "kernel":
     return kernel()
-  return jax.lax.platform_dependent(cpu=kernel, default=xla)
+  branches = {} if why else {"cpu": kernel}
+  if not (gpu_why := gpu_unsupported(lay, query)):
+    branches["cuda"] = gpu
+  elif jax.default_backend() in ("gpu", "cuda"):
+    _log_fallback(gpu_why)
+  return jax.lax.platform_dependent(**branches, default=xla) if branches else xla()
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_fallback(why: str) -> None:
+  if why not in _LOGGED:
+    _LOGGED.add(why)
+    logging.warning("sparse_attn: the GPU block-sparse kernel does not run this call (%s); "
+                    "the pure-JAX executor runs it.", why)
+
+
+def gpu_unsupported(lay, query: Array) -> str:
+  """Why 'auto' does not run the Pallas GPU kernel on CUDA for this call ('' if it does):
+  the kernel's own scope (`kernels.gpu.unsupported`), or $SPARSE_ATTN_GPU_KERNEL=0.
+
+  Args:
+    lay: the block layout.
+    query: [B, Q, H, D].
+  """
+  return gpu_kernel.disabled() or gpu_kernel.unsupported(lay, query)
 
 
 def _attend_xla(plan, query, key, value, gmasks, key_valid, dropout_rng, rate, head_loop,
