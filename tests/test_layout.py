@@ -148,3 +148,11 @@ def test_bad_inputs_name_the_problem():
     layout.from_mask(np.ones((8, 8), bool), 0)
   lay = layout.from_mask(np.eye(8, dtype=np.int64), 4)   # 0/1 integers are accepted.
   assert lay.element_density == pytest.approx(1 / 8)
+
+
+def test_element_density_of_a_layout_without_partial_tiles():
+  # Whole blocks only (a block-diagonal mask): no partial tile list to count.
+  m = np.kron(np.eye(4, dtype=bool), np.ones((8, 8), bool))
+  lay = layout.from_mask(m, 8)
+  assert len(lay.partial_blocks) == 0
+  assert lay.element_density == pytest.approx(m.mean()) == pytest.approx(0.25)

@@ -119,7 +119,7 @@ class BlockLayout:
     """rho_elem: kept (query, key) pairs / all Q*K pairs (mean over Bm, Hm)."""
     b = self.block_size
     kept = np.where(self.block_mask == FULL, b * b, 0).astype(np.int64)
-    counts = self.partial_blocks.reshape(len(self.partial_blocks), -1).sum(-1)
+    counts = self.partial_blocks.reshape(len(self.partial_blocks), b * b).sum(-1)
     part = self.partial_index >= 0
     kept[part] = counts[self.partial_index[part]]
     return float(kept.sum() / (np.prod(self.block_mask.shape[:2]) * self.q_len *
