@@ -20,7 +20,7 @@ from sparse_attn.masks import layout as layout_lib
 from sparse_attn.masks import patterns
 
 B, L, H, D, BLOCK = 2, 64, 2, 16, 16
-TRITON = "__gpu$xla.gpu.triton"
+TRITON = gpu.CUSTOM_CALL
 
 
 @pytest.fixture(autouse=True)

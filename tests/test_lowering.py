@@ -10,6 +10,7 @@ from sparse_attn import lowering
 from sparse_attn.attention import seam
 from sparse_attn.attention import target
 from sparse_attn.attention.kernels import cpu as cpu_kernel
+from sparse_attn.attention.kernels import gpu as gpu_kernel
 from sparse_attn.masks import patterns
 
 
@@ -51,6 +52,10 @@ def test_dense_and_blocksparse_lower_for_cuda_and_tpu(capsys):
   assert len(lines) == 8   # 2 configs x 2 steps x 2 platforms.
   bs_eval = [l for l in lines if " blocksparse " in l and " eval " in l]
   assert len(bs_eval) == 2 and all("attention=blocksparse" in l for l in bs_eval)
+  # On cuda the block-sparse steps run the Pallas GPU kernel (train and eval); the dense
+  # steps and every tpu step here run none.
+  gpu_calls = {tuple(l.split()[1:4]) for l in lines if gpu_kernel.CUSTOM_CALL in l}
+  assert gpu_calls == {("blocksparse", "train", "cuda"), ("blocksparse", "eval", "cuda")}
 
 
 def _host_callback(query, key, value, **kw):

@@ -55,6 +55,10 @@ from sparse_attn.attention.kernels import gpu_programs as programs
 from sparse_attn.masks import layout as layout_lib
 
 Array = jax.Array
+# The custom call each kernel lowers to. XLA compiles its Triton IR with the jaxlib that
+# runs it; jax.export gives it no cross-version guarantee, so an exported function that
+# contains it must name it in `disabled_checks` and be served by the same jaxlib.
+CUSTOM_CALL = "__gpu$xla.gpu.triton"
 _DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16), np.dtype(jnp.float32))
 
 
