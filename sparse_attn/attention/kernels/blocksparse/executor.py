@@ -15,7 +15,8 @@ run side by side.
 
 On CPU, `attend` runs the same computation as the compiled kernel of `kernels.cpu` (a
 `jax.ffi` custom call that spreads tiles over XLA's thread pool) whenever it applies
-(float32, one CPU device, a C++ compiler on the host); `impl='xla'` forces this module's
+(float32, or half precision converted to float32; one CPU device; a C++ compiler on the
+host); where it does not, the log says why, once. `impl='xla'` forces this module's
 executor, which is also what GPU and TPU lower. docs/benchmarks.md has the measurements.
 
 Shape legend: B batch, L sequence length, Q / K query / key length, H heads, D head dim,
@@ -214,6 +215,9 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
     if impl == "kernel":
       raise ValueError(f"impl='kernel' cannot run this call: {why}. Use impl='auto' or "
                        "'xla'.")
+    if jax.default_backend() == "cpu":   # Elsewhere the pure-JAX executor is the plan.
+      cpu_kernel.log_once("block-sparse attention runs the pure-JAX executor, not the "
+                          f"compiled CPU kernel: {why}.")
     return xla()
   kernel = lambda: cpu_kernel.attend(lay, query, key, value, key_valid, dropout_rng,
                                      rate).astype(query.dtype)
