@@ -58,7 +58,10 @@ class BertConfig:
   # the dense reference (cuDNN for unmasked half precision on GPU); or one executor
   # ('dense', 'blocksparse', 'splash', 'cudnn'). See sparse_attn.attention.
   attention_backend: str = "auto"
-  dtype: Any = jnp.float32        # Activation / matmul dtype.
+  # Activation / matmul dtype; bfloat16 is mixed precision: parameters stay param_dtype,
+  # LayerNorm statistics, attention softmax statistics, the MLM logits and the losses
+  # float32 (docs/results.md, "bf16 mixed precision").
+  dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -326,7 +329,8 @@ class BertForMaskedLM(nn.Module):
   """MLM head: dense -> GELU -> LayerNorm -> decoder tied to the word embeddings.
 
   `positions` [B, P] int (the batch's `mlm_positions`) scores only those positions, so the
-  vocabulary projection costs P rather than L rows. Returns (logits [B, L|P, V], aux).
+  vocabulary projection costs P rather than L rows. Returns (logits [B, L|P, V] float32,
+  aux).
   """
   config: BertConfig
 
@@ -345,8 +349,11 @@ class BertForMaskedLM(nn.Module):
     table_VxD = bert.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
     table_VxD = nn.meta.unbox(table_VxD)
     bias_V = self.param("decoder_bias", _zeros((VOCAB,)), (c.vocab_size,), c.param_dtype)
-    logits = jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD.astype(c.dtype)) + bias_V
-    return logits, aux
+    # The vocabulary logits are accumulated and returned in float32 whatever c.dtype:
+    # the loss's log-softmax over V classes is where half precision would cost accuracy.
+    logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD.astype(c.dtype),
+                              preferred_element_type=jnp.float32)
+    return logits_BxLxV + bias_V.astype(jnp.float32), aux
 
 
 def head_view(batch) -> tuple[dict, dict]:

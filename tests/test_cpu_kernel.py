@@ -73,11 +73,13 @@ def test_auto_uses_the_kernel_on_cpu_only_where_it_applies(kernel, monkeypatch):
   call = lambda **kw: (lambda q, k, v: blocksparse.attend(obj.plan, q, k, v, **kw))
   assert "sparse_attn_blocksparse_fwd" in hlo(call(), q, k, v)
   assert "sparse_attn_blocksparse_fwd" not in hlo(call(impl="xla"), q, k, v)
-  # bfloat16 falls back to the pure-JAX executor; impl='kernel' says why.
+  # bfloat16 runs the kernel, converted to float32 and back.
   bf = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
-  assert "sparse_attn_blocksparse_fwd" not in hlo(call(), *bf)
-  with pytest.raises(ValueError, match="float32 only"):
-    blocksparse.attend(obj.plan, *bf, impl="kernel")
+  assert "sparse_attn_blocksparse_fwd" in hlo(call(), *bf)
+  assert blocksparse.attend(obj.plan, *bf, impl="kernel").dtype == jnp.bfloat16
+  # A dtype it does not take (float64) falls back, and the reason names it.
+  f64 = jax.ShapeDtypeStruct(q.shape, np.float64)
+  assert "not float64" in cpu_kernel.unsupported(f64, f64, f64)
   with pytest.raises(ValueError, match="impl must be"):
     blocksparse.attend(obj.plan, q, k, v, impl="fast")
   # Several CPU devices (a sharded CPU mesh): the partitionable executor is used.

@@ -134,7 +134,7 @@ def _best_block(m: np.ndarray, cm: CostModel, block_sizes: Sequence[int]
 
 def _cost_model(plat: str, dtype: Any, head_dim: int | None = None) -> CostModel:
   key = plat
-  if plat == "cpu" and np.dtype(dtype) == np.float32:
+  if plat == "cpu" and cpu_kernel.takes(dtype):
     probe = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32)
     key = "cpu" if cpu_kernel.unsupported(probe, probe, probe) else "cpu_kernel"
   if plat == "gpu" and not (gpu_kernel.disabled() or gpu_kernel.out_of_scope(
@@ -156,8 +156,9 @@ def choose(mask: Any, *, platform_name: str | None = None,
     min_speedup: block-sparse is chosen only if predicted to be at least this much
       faster than dense (the margin that keeps 'auto' from being slower than dense).
     cost_model: overrides `COST_MODELS[platform]` (on CPU: 'cpu_kernel' when the
-      compiled kernel will run the calls, i.e. float32 and the kernel is available; on
-      GPU: 'gpu_kernel' when the Pallas kernel will, i.e. a head size in its scope).
+      compiled kernel will run the calls, i.e. float32 or half precision (converted)
+      and the kernel is available; on GPU: 'gpu_kernel' when the Pallas kernel will,
+      i.e. a head size in its scope).
     dtype, head_dim: the attention inputs' dtype and head size (cuDNN / CPU-kernel
       eligibility).
 

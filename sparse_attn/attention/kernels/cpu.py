@@ -20,11 +20,13 @@ e.g. from an older version) it is deleted and rebuilt, with a warning. Without a
 (or with `SPARSE_ATTN_CPU_KERNEL=0`) `unsupported()` says why and the pure-JAX executor
 runs instead; `kernels.blocksparse.attend(..., impl='kernel')` then raises with the reason.
 
-Scope: float32, one CPU device in the process (the custom call is
-not partitioned, so under a multi-device mesh the pure-JAX executor is used), CPU as the
-target platform (`attention.target.platform()`: the default backend unless traced under
-`target_platform`; under `impl='auto'` the call also sits in `lax.platform_dependent`, so
-a computation lowered for GPU / TPU still gets the pure-JAX executor). First derivatives
+Scope: float32 (bfloat16 and float16 inputs are converted to float32, exactly, and the
+output and gradients back to the input dtype, so mixed-precision models keep the kernel),
+one CPU device in the process (the custom call is not partitioned, so under a multi-device
+mesh the pure-JAX executor is used), CPU as the target platform
+(`attention.target.platform()`: the default backend unless traced under `target_platform`;
+under `impl='auto'` the call also sits in `lax.platform_dependent`, so a computation
+lowered for GPU / TPU still gets the pure-JAX executor). First derivatives
 only: for second derivatives (e.g. Hessian-vector products) use `impl='xla'`. The
 choice is made when a function is traced; changing `SPARSE_ATTN_CPU_KERNEL` later does
 not affect functions already compiled.
@@ -62,8 +64,27 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _FWD, _BWD = "sparse_attn_blocksparse_fwd", "sparse_attn_blocksparse_bwd"
 _RECORD = ".sha256"   # Suffix of a library's SHA-256 record: <library>.sha256.
 
+# Input dtypes the kernel runs: float32 itself; half precision converted to float32.
+DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+_logged: set[str] = set()   # Messages `log_once` has written in this process.
+
+
+def log_once(message: str) -> None:
+  """Logs `message` (INFO) the first time this process sees it: executors are traced
+  once per shape and layer, and a reason repeated per call would bury the log."""
+  with _lock:
+    if message in _logged:
+      return
+    _logged.add(message)
+  logging.info("sparse_attn: %s", message)
+
+
+def takes(dtype) -> bool:
+  """Whether the kernel runs inputs of `dtype` (float32; half precision converted)."""
+  return np.dtype(dtype) in DTYPES
 
 
 def _compiler() -> str | None:
@@ -259,8 +280,9 @@ def unsupported(query: jax.Array, key: jax.Array, value: jax.Array) -> str:
     return "it is disabled by SPARSE_ATTN_CPU_KERNEL"
   if target.platform() != "cpu":
     return f"it runs on CPU only, and the target platform is {target.platform()!r}"
-  if any(x.dtype != jnp.float32 for x in (query, key, value)):
-    return "it takes float32 only"
+  if (bad := [x.dtype for x in (query, key, value) if not takes(x.dtype)]):
+    return (f"it takes float32 (bfloat16 / float16 converted to float32), not "
+            f"{np.dtype(bad[0]).name}")
   if len(jax.devices("cpu")) > 1:
     return "it is not partitioned, and the process has several CPU devices"
   ok, reason = load()
@@ -323,14 +345,21 @@ def attend(lay: layout_lib.BlockLayout, query: jax.Array, key: jax.Array,
 
   Args:
     lay: the static layout (Q, K must match the inputs).
-    query: [B, Q, H, D] float32; key, value: [B, K, H, D] float32.
+    query: [B, Q, H, D]; key, value: [B, K, H, D]; float32, or bfloat16 / float16
+      (converted to float32 for the kernel; the gradients come back in the input dtype).
     key_valid: [B, K] bool, False for padding keys.
     dropout_rng, dropout_rate: attention-weight dropout (the same distribution as the
       other executors, drawn from a hash of a seed taken from `dropout_rng`).
 
   Returns:
-    [B, Q, H, D] float32, equal to the dense reference under the layout's mask.
+    [B, Q, H, D] in the dtype of `query`, equal to the dense reference under the layout's
+    mask.
   """
+  out_dtype = query.dtype
+  if out_dtype != jnp.float32:
+    log_once(f"the compiled CPU kernel computes in float32: {np.dtype(out_dtype).name} "
+             "attention inputs are converted to float32 for it, and its output back.")
+    query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
   b = lay.block_size
   bsz, q_len, _, depth = query.shape
   k_len = key.shape[1]
@@ -351,4 +380,4 @@ def attend(lay: layout_lib.BlockLayout, query: jax.Array, key: jax.Array,
   seed = (jax.random.bits(dropout_rng, (2,), jnp.uint32) if rate > 0.0
           else jnp.zeros((2,), jnp.uint32))
   o = _core(rate, q, k, v, kvalid.astype(jnp.uint8), num, cols, pidx, tiles, seed)
-  return jnp.transpose(o, (0, 2, 1, 3))[:, :q_len]
+  return jnp.transpose(o, (0, 2, 1, 3))[:, :q_len].astype(out_dtype)

@@ -15,7 +15,8 @@ run side by side.
 
 On CPU, `attend` runs the same computation as the compiled kernel of `kernels.cpu` (a
 `jax.ffi` custom call that spreads tiles over XLA's thread pool) whenever it applies
-(float32, one CPU device, a C++ compiler on the host); on CUDA GPUs, the Pallas kernel of
+(float32, or half precision converted to float32; one CPU device; a C++ compiler on the
+host; where it does not, the log says why, once); on CUDA GPUs, the Pallas kernel of
 `kernels.gpu` whenever it applies (block and head sizes powers of two in [16, 128]);
 `impl='xla'` forces this module's executor, which is also what TPU (and a call outside
 the kernels' scope) lowers. The choice sits in `lax.platform_dependent`, so a function
@@ -229,6 +230,9 @@ def attend(plan: Plan, query: Array, key: Array, value: Array, *,
   if why and impl == "kernel":
     raise ValueError(f"impl='kernel' cannot run this call: {why}. Use impl='auto' or "
                      "'xla'.")
+  if why and jax.default_backend() == "cpu":   # Elsewhere the kernel is not the plan.
+    cpu_kernel.log_once("block-sparse attention runs the pure-JAX executor, not the "
+                        f"compiled CPU kernel: {why}.")
   kernel = lambda: cpu_kernel.attend(lay, query, key, value, key_valid, dropout_rng,
                                      rate).astype(query.dtype)
   if impl == "kernel":
