@@ -160,6 +160,47 @@ def test_cudnn_adapter_arguments_pass_jax_cudnn_checks(left, right):
     accel.cudnn_attention(obj, q, k, v)
 
 
+@pytest.mark.parametrize("offset", [0.0, 4.0])
+def test_padded_unmasked_calls_run_cudnn_where_the_padding_is_right_padding(
+    monkeypatch, offset):
+  """On GPU an unmasked half-precision call with key padding (every model call passes
+  one) runs cuDNN with sequence lengths when each row is right-padded and non-empty, and
+  the reference otherwise. `offset` marks the stand-in cuDNN's output (run on XLA here),
+  so each result shows which branch the device selected."""
+  seen = []
+  real = jax.nn.dot_product_attention
+
+  def fake(*args, implementation=None, **kwargs):
+    seen.append(dict(kwargs, implementation=implementation))
+    return real(*args, implementation="xla", **kwargs) + jnp.asarray(offset, args[0].dtype)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  q, k, v, _ = (x.astype(jnp.bfloat16) for x in _qkv(2, 24, 2, 16, seed=5))
+  pos = np.arange(24)[None]
+  right = jnp.asarray(pos < np.asarray([[24], [17]]))
+  left = jnp.asarray(pos >= np.asarray([[0], [5]]))            # Left padding.
+  empty = jnp.asarray(pos < np.asarray([[24], [0]]))           # One row without keys.
+
+  def run(kv):
+    return jax.jit(lambda q, k, v, kv: attention.dot_product_attention(
+        q, k, v, key_valid=kv, backend="auto"))(q, k, v, kv).astype(jnp.float32)
+
+  def ref(kv):
+    return attention.dot_product_attention(q, k, v, key_valid=kv, backend="dense"
+                                           ).astype(jnp.float32)
+
+  with attention.target_platform("gpu"):
+    assert attention.resolve("auto", None, q, key_valid=right) == "cudnn"
+    got = {name: run(kv) for name, kv in (("right", right), ("left", left),
+                                          ("empty", empty))}
+  assert seen and all(c["implementation"] == "cudnn" for c in seen)
+  assert all(c["key_value_seq_lengths"] is not None for c in seen)   # Traced lengths.
+  np.testing.assert_allclose(got["right"], ref(right) + offset, atol=6e-2)
+  np.testing.assert_allclose(got["left"], ref(left), atol=1e-6)
+  np.testing.assert_allclose(got["empty"], ref(empty), atol=1e-6)
+  assert not np.asarray(got["empty"][1]).any()                # No keys: zero output.
+
+
 # ---- the chooser on synthetic inputs -------------------------------------------------
 
 @pytest.mark.parametrize("kernel", [False, True])

@@ -84,12 +84,12 @@ def test_expected_failures_are_named_and_kept_true(monkeypatch):
   callback = jax.jit(lambda x: jax.pure_callback(lambda a: a, x, x))
   assert lowering._lower("case", "eval", "cuda", callback, (x,), False).status == "FAILED"  # pylint: disable=protected-access
   # Named as an expectation, the same failure is reported and passes ...
-  monkeypatch.setitem(lowering.EXPECTED, ("case", "cuda"), lowering.Expected(
+  monkeypatch.setitem(lowering.EXPECTED, ("case", "eval", "cuda"), lowering.Expected(
       "different from the lowering platform", "a host callback runs on the host"))
   r = lowering._lower("case", "eval", "cuda", callback, (x,), False)  # pylint: disable=protected-access
   assert r.status == "expected" and "cannot lower on this host" in r.detail
   # ... another reason is not the expected one ...
-  monkeypatch.setitem(lowering.EXPECTED, ("case", "cuda"), lowering.Expected("x", "other"))
+  monkeypatch.setitem(lowering.EXPECTED, ("case", "eval", "cuda"), lowering.Expected("x", "other"))
   r = lowering._lower("case", "eval", "cuda", callback, (x,), False)  # pylint: disable=protected-access
   assert r.status == "FAILED"
   # ... and an expectation that no longer holds is itself a failure.

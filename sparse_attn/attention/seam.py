@@ -11,7 +11,7 @@ in four steps (docs/architecture.md draws them):
 2. dropout: a `dense.Dropout` (rng, rate) when training with `dropout_rate > 0`;
 3. `resolve`: 'auto' becomes a named executor (a `BlockSparseMask` runs on the executor
    the policy chose for it, `preferred`; arrays run on cuDNN for unmasked half-precision
-   calls on GPU, on the dense reference otherwise);
+   calls without dropout on GPU, padded or not, on the dense reference otherwise);
    "on GPU" means `platform()`: the running backend, or the platform named by
    `with target_platform(...)` (`target.py`) while a function is traced for another
    platform (`sparse_attn.lowering` exports the steps that way);
@@ -24,7 +24,8 @@ checks every registered one):
     GPU kernel, `kernels.gpu`, on CUDA where they apply; the pure-JAX executor else).
   * 'splash': TPU Splash attention; dropout and per-example layouts run 'blocksparse'.
   * 'cudnn': GPU cuDNN flash attention for no mask, a full layout or one local window;
-    anything else runs 'blocksparse'.
+    key padding runs on cuDNN as sequence lengths when it is right padding (checked on
+    the device per call, the reference otherwise); anything else runs 'blocksparse'.
 The block-sparse executors run `BlockSparseMask` objects: a layer without a mask (or with
 one that only restricts keys, [..., 1, K]) runs the reference, and a structural array mask
 is refused with the way out (`prepare` it, outside jit).
@@ -69,7 +70,9 @@ def register_backend(name: str) -> Callable[[Executor], Executor]:
 
 
 def _cudnn_unmasked(query: Array, mask, key_valid, bias, dropout) -> bool:
-  return (mask is None and key_valid is None and bias is None and dropout is None
+  """An unmasked call cuDNN runs (key padding allowed: `cudnn.attend_padded`)."""
+  del key_valid
+  return (mask is None and bias is None and dropout is None
           and platform() == "gpu" and cudnn.supported(query.dtype, query.shape[-1]))
 
 
@@ -150,7 +153,11 @@ def _splash(query, key, value, *, mask, key_valid, bias, dropout, precision):
 @register_backend("cudnn")
 def _cudnn(query, key, value, *, mask, key_valid, bias, dropout, precision):
   if _cudnn_unmasked(query, mask, key_valid, bias, dropout):
-    return cudnn.attend_unmasked(query, key, value)
+    if key_valid is None:
+      return cudnn.attend_unmasked(query, key, value)
+    return cudnn.attend_padded(query, key, value, key_valid, lambda: _dense(
+        query, key, value, mask=None, key_valid=key_valid, bias=None, dropout=None,
+        precision=precision))
   if not isinstance(mask, BlockSparseMask):
     return _without_object("cudnn", query, key, value, mask=mask, key_valid=key_valid,
                            bias=bias, dropout=dropout, precision=precision)

@@ -1,5 +1,6 @@
 """GPU cuDNN flash attention (`jax.nn.dot_product_attention(implementation='cudnn')`) for
-the masks it can skip work on: no mask, the full layout, or one local window.
+the masks it can skip work on: no mask (with or without right padding: `attend_padded`),
+the full layout, or one local window.
 
 Anything else returns None from `attend`, and the caller (the seam) falls back to the
 pure-JAX block-sparse executor.
@@ -9,7 +10,7 @@ Shape legend: B batch, Q / K query / key length, H heads, D head dim.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,44 @@ def attend_unmasked(query: Array, key: Array, value: Array) -> Array:
   """Unmasked, unpadded attention on cuDNN: [B, Q, H, D] from query [B, Q, H, D] and
   key / value [B, K, H, D]."""
   return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+
+
+def right_padded_lengths(key_valid: Array) -> tuple[Array, Array]:
+  """Sequence lengths of a padding mask, and whether cuDNN may take it as lengths.
+
+  Args:
+    key_valid: [B, K] bool (False = padding).
+
+  Returns:
+    (lengths int32 [B], ok bool []): ok when every row is a non-empty prefix of valid
+    keys (right padding, as the library's batching pads), so that lengths express the
+    mask exactly and every query has a key.
+  """
+  kv = key_valid.astype(jnp.bool_)
+  lengths = jnp.sum(kv.astype(jnp.int32), axis=-1)
+  prefix = jnp.arange(kv.shape[-1], dtype=jnp.int32)[None, :] < lengths[:, None]
+  return lengths, jnp.logical_and(jnp.all(kv == prefix), jnp.all(lengths > 0))
+
+
+def attend_padded(query: Array, key: Array, value: Array, key_valid: Array,
+                  fallback: Callable[[], Array]) -> Array:
+  """Unmasked attention with key padding: cuDNN with sequence lengths where the padding
+  is right padding (checked on the device, per call), `fallback()` otherwise.
+
+  Args:
+    query: [B, Q, H, D]; key, value: [B, K, H, D].
+    key_valid: [B, K] bool.
+    fallback: computes the same call another way (the reference), for padding that is
+      not a prefix of every row.
+
+  Returns:
+    [B, Q, H, D].
+  """
+  lengths, ok = right_padded_lengths(key_valid)
+  return jax.lax.cond(
+      ok, lambda: jax.nn.dot_product_attention(
+          query, key, value, key_value_seq_lengths=lengths, implementation="cudnn"),
+      fallback)
 
 
 def attend(obj: BlockSparseMask, query: Array, key: Array, value: Array, *,
