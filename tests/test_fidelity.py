@@ -174,6 +174,10 @@ def test_verdict_rule_needs_the_difference_to_exceed_the_combined_error():
   assert rep.verdict(a, b_far)[0] == "reproduced"
   assert rep.verdict(a, b_close)[0] == "direction reproduced"
   assert rep.verdict(b_far, a)[0] == "not reproduced"
+  # "No worse": a shortfall within the combined error does not refute it; beyond, it does.
+  assert rep.verdict(b_close, a, "no_worse")[0] == "reproduced"
+  assert rep.verdict(a, b_far, "no_worse")[0] == "reproduced"
+  assert rep.verdict(b_far, a, "no_worse")[0] == "not reproduced"
   one = rep.arm_stats([0.8], [1600])
   assert one["se"] == pytest.approx(0.01)           # sqrt(0.8 * 0.2 / 1600)
   assert rep.verdict(one, rep.arm_stats([0.75], [1600]))[0] == (

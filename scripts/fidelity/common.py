@@ -8,7 +8,10 @@ computed from the records.
 Verdict rule: with d = mean(A) - mean(B) and se = sqrt(se_A^2 + se_B^2), where an arm's se
 is sd / sqrt(seeds) with >= 2 seeds and the binomial sqrt(p (1 - p) / N) of its evaluation
 set with one seed: reproduced if d > se; direction reproduced if 0 < d <= se; not
-reproduced if d <= 0.
+reproduced if d <= 0. A claim that A costs nothing against B ("no worse", e.g. removing
+the diagonal) predicts no difference, which a finite experiment can only fail to refute:
+reproduced if d >= -se (A short of B by less than the combined error), not reproduced if
+A is worse by more; the table reports d and se, so the test's power is on the page.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Compare:
   better: str
   worse: str
   metric: str         # "mlm" (masked-token accuracy) or "task" (dev accuracy).
+  kind: str = "beats"   # Or "no_worse": the paper says A costs nothing against B.
 
 
 def compare(c: Compare, a: dict | None, b: dict | None) -> dict | None:
@@ -58,7 +62,7 @@ def compare(c: Compare, a: dict | None, b: dict | None) -> dict | None:
   arm has no finished run)."""
   if not a or not b:
     return None
-  word, d, se = verdict(a, b)
+  word, d, se = verdict(a, b, c.kind)
   return dict(vars(c), verdict=word, d=d, se=se)
 
 
@@ -78,11 +82,16 @@ def arm_stats(values: list[float], counts: list[float]) -> dict:
           "se": math.sqrt(max(mean * (1 - mean), 1e-12) / max(counts[0], 1.0))}
 
 
-def verdict(a: dict, b: dict) -> tuple[str, float, float]:
-  """(verdict, d, se) for the prediction "a beats b" (see the module docstring)."""
+def verdict(a: dict, b: dict, kind: str = "beats") -> tuple[str, float, float]:
+  """(verdict, d, se) for the prediction "a beats b" (kind 'beats') or "a is no worse
+  than b" (kind 'no_worse'; see the module docstring)."""
+  if kind not in ("beats", "no_worse"):
+    raise ValueError(f"kind must be 'beats' or 'no_worse', not {kind!r}.")
   d = a["mean"] - b["mean"]
   se = math.sqrt(a["se"] ** 2 + b["se"] ** 2)
-  if d > se:
+  if kind == "no_worse":
+    word = "reproduced" if d >= -se else "not reproduced"
+  elif d > se:
     word = "reproduced"
   elif d > 0:
     word = "direction reproduced"
