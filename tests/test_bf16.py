@@ -261,6 +261,7 @@ FIRST_STEP_BOUND = 1e-4
 LOSS_BOUND = 1e-3
 
 
+@pytest.mark.slow
 def test_bf16_fine_tuning_follows_float32(tiny_runs):
   f32 = _tiny.losses_by_step(tiny_runs["float32"])
   bf16 = _tiny.losses_by_step(tiny_runs["bfloat16"])
@@ -273,6 +274,7 @@ def test_bf16_fine_tuning_follows_float32(tiny_runs):
   assert abs(ev["bfloat16"]["loss"] - ev["float32"]["loss"]) < LOSS_BOUND, ev
 
 
+@pytest.mark.slow
 def test_a_tiny_bf16_train_run_completes(tiny_runs):
   """train.py in bf16: the results, the evaluation, a checkpoint of float32 parameters
   and the config that names bfloat16."""

@@ -196,6 +196,7 @@ def test_config_changes_splits_allowed_from_forbidden():
 # ------------------------------------------------------------- errors and pending saves
 
 
+@pytest.mark.slow
 def test_error_after_an_async_save_started_keeps_that_checkpoint(tmp_path):
   """An exception right after a save started (here: in the progress line of the next
   step) leaves the process only once the save is on disk."""
@@ -321,6 +322,7 @@ def test_user_errors_are_told_from_bugs():
 # ----------------------------------------------------------- 2 devices, mask and DAM
 
 
+@pytest.mark.slow
 def test_two_device_run_with_a_mask_and_dam_matches_one_device(tmp_path):
   """Data parallel over 2 host devices with a window mask and a DAM structure: the same
   losses as on one device (to float tolerance) and the same evaluation."""

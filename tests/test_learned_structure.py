@@ -84,6 +84,7 @@ def test_round_trip_rejects_a_longer_sequence(dam_run, tmp_path):
     train.setup(config, tmp_path / "longer", restore=False)
 
 
+@pytest.mark.slow
 def test_prune_search_then_extracted_smaller_model(tmp_path):
   search = tmp_path / "search"
   s = {"method": "prune", "unit": "layer", "prune_fraction": 0.5, "beta": 1.0}
