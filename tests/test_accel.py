@@ -104,8 +104,8 @@ def cudnn_args(monkeypatch):
   return seen
 
 
-@pytest.mark.parametrize("left, right, lengths", [
-    (3, 3, None), (5, 0, None), (0, 4, None), (2, 6, [40, 27]), (7, 1, [13, 40]),
+@pytest.mark.parametrize("left, right, lengths", [   # cuDNN takes left windows only.
+    (5, 0, None), (0, 0, None), (2, 0, [40, 27]), (7, 0, [13, 40]),
     (None, None, [40, 22]),     # A full layout: no window, only the lengths.
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -139,66 +139,30 @@ def test_cudnn_adapter_window_and_lengths_equal_the_mask(cudnn_args, monkeypatch
                              np.asarray(ref, np.float32)[has_key], atol=tol)
 
 
-@pytest.mark.parametrize("left, right", [
-    (5, 0),
-    pytest.param(3, 3, marks=pytest.mark.xfail(
-        strict=True, raises=ValueError,
-        reason="jax.nn's cuDNN path rejects a right window unless is_causal (JAX 0.10: "
-               "\"cuDNN doesn't support right window\"), but accel.cudnn_attention and "
-               "accel.choose send symmetric bands there")),
-])
+@pytest.mark.parametrize("left, right", [(5, 0), (3, 3)])
 def test_cudnn_adapter_arguments_pass_jax_cudnn_checks(left, right):
   """The real `jax.nn.dot_product_attention(implementation='cudnn')` validates its
   arguments before it looks for a GPU: on CPU valid ones get as far as 'cuDNN is not
-  detected' (a RuntimeError), rejected ones raise ValueError."""
+  detected' (a RuntimeError), rejected ones raise ValueError. It rejects a right window
+  unless causal, so the adapter keeps symmetric bands off it (None: the caller runs
+  them block-sparse) and the policy does not choose cuDNN for them."""
   if accel.platform() == "gpu":
     pytest.skip("runs the real cuDNN kernel here; the check is for hosts without one")
   q, k, v, _ = (x.astype(jnp.bfloat16) for x in _qkv(1, 40, 2, 16))
-  obj = blocksparse.BlockSparseMask.from_mask(
-      patterns.window(40, left=left, right=right), 8, preferred="cudnn")
-  with pytest.raises(RuntimeError, match="cuDNN"):
-    accel.cudnn_attention(obj, q, k, v)
-
-
-@pytest.mark.parametrize("offset", [0.0, 4.0])
-def test_padded_unmasked_calls_run_cudnn_where_the_padding_is_right_padding(
-    monkeypatch, offset):
-  """On GPU an unmasked half-precision call with key padding (every model call passes
-  one) runs cuDNN with sequence lengths when each row is right-padded and non-empty, and
-  the reference otherwise. `offset` marks the stand-in cuDNN's output (run on XLA here),
-  so each result shows which branch the device selected."""
-  seen = []
-  real = jax.nn.dot_product_attention
-
-  def fake(*args, implementation=None, **kwargs):
-    seen.append(dict(kwargs, implementation=implementation))
-    return real(*args, implementation="xla", **kwargs) + jnp.asarray(offset, args[0].dtype)
-
-  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
-  q, k, v, _ = (x.astype(jnp.bfloat16) for x in _qkv(2, 24, 2, 16, seed=5))
-  pos = np.arange(24)[None]
-  right = jnp.asarray(pos < np.asarray([[24], [17]]))
-  left = jnp.asarray(pos >= np.asarray([[0], [5]]))            # Left padding.
-  empty = jnp.asarray(pos < np.asarray([[24], [0]]))           # One row without keys.
-
-  def run(kv):
-    return jax.jit(lambda q, k, v, kv: attention.dot_product_attention(
-        q, k, v, key_valid=kv, backend="auto"))(q, k, v, kv).astype(jnp.float32)
-
-  def ref(kv):
-    return attention.dot_product_attention(q, k, v, key_valid=kv, backend="dense"
-                                           ).astype(jnp.float32)
-
-  with attention.target_platform("gpu"):
-    assert attention.resolve("auto", None, q, key_valid=right) == "cudnn"
-    got = {name: run(kv) for name, kv in (("right", right), ("left", left),
-                                          ("empty", empty))}
-  assert seen and all(c["implementation"] == "cudnn" for c in seen)
-  assert all(c["key_value_seq_lengths"] is not None for c in seen)   # Traced lengths.
-  np.testing.assert_allclose(got["right"], ref(right) + offset, atol=6e-2)
-  np.testing.assert_allclose(got["left"], ref(left), atol=1e-6)
-  np.testing.assert_allclose(got["empty"], ref(empty), atol=1e-6)
-  assert not np.asarray(got["empty"][1]).any()                # No keys: zero output.
+  band = patterns.window(40, left=left, right=right)
+  obj = blocksparse.BlockSparseMask.from_mask(band, 8, preferred="cudnn")
+  chosen = accel.choose(patterns.window(2048, left=left, right=right), platform_name="gpu",
+                        dtype=jnp.bfloat16, head_dim=16)[0].executor
+  if right == 0:
+    assert chosen == "cudnn"
+    with pytest.raises(RuntimeError, match="cuDNN"):
+      accel.cudnn_attention(obj, q, k, v)
+  else:
+    assert chosen == "blocksparse"
+    assert accel.cudnn_attention(obj, q, k, v) is None
+    with pytest.raises(ValueError, match="right window"):   # What the check avoids.
+      jax.nn.dot_product_attention(q, k, v, local_window_size=(left, right),
+                                   implementation="cudnn")
 
 
 # ---- the chooser on synthetic inputs -------------------------------------------------
@@ -254,7 +218,7 @@ def test_cost_model_margin_and_injected_constants():
 
 
 def test_gpu_windows_go_to_cudnn_in_half_precision_only():
-  band = patterns.window(2048, 64)
+  band = patterns.window(2048, left=64, right=0)   # cuDNN takes left windows only.
   c, _ = accel.choose(band, platform_name="gpu", dtype=jnp.bfloat16, head_dim=64)
   assert c.executor == "cudnn"
   c, _ = accel.choose(band, platform_name="gpu", dtype=jnp.float32, head_dim=64)

@@ -171,7 +171,7 @@ def choose(mask: Any, *, platform_name: str | None = None,
   q_len, k_len = m.shape[-2:]
   if plat == "gpu":
     win = layout_lib.window_of(m)
-    if win is not None and cudnn.supported(dtype, head_dim):
+    if cudnn.window_supported(win) and cudnn.supported(dtype, head_dim):
       return Choice("cudnn", None, 1.0, None, f"local window {win} on cuDNN"), None
   if max(q_len, k_len) < cm.min_length:
     return Choice("dense", None, 1.0, None,

@@ -29,6 +29,13 @@ def supported(dtype: Any, head_dim: int | None) -> bool:
           and (head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)))
 
 
+def window_supported(win: tuple[int, int] | None) -> bool:
+  """Whether jax.nn's cuDNN attention takes this band (-left <= j - i <= right): a left
+  window only (right == 0); it refuses a right window unless causal ("cuDNN doesn't
+  support right window"), so BERT's symmetric bands run block-sparse."""
+  return win is not None and win[1] == 0
+
+
 def attend_unmasked(query: Array, key: Array, value: Array) -> Array:
   """Unmasked, unpadded attention on cuDNN: [B, Q, H, D] from query [B, Q, H, D] and
   key / value [B, K, H, D]."""
@@ -95,7 +102,7 @@ def attend(obj: BlockSparseMask, query: Array, key: Array, value: Array, *,
     return None
   win = layout_lib.window_of(lay.to_element_mask())
   full = bool(np.all(lay.block_mask == layout_lib.FULL)) and lay.q_len % lay.block_size == 0
-  if win is None and not full:
+  if not full and not window_supported(win):
     return None
   lengths = None
   if key_valid is not None:
