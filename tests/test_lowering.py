@@ -95,3 +95,22 @@ def test_expected_failures_are_named_and_kept_true(monkeypatch):
   # ... and an expectation that no longer holds is itself a failure.
   r = lowering._lower("case", "eval", "cuda", jax.jit(jnp.sin), (x,), False)  # pylint: disable=protected-access
   assert r.status == "FAILED" and "lowered, but EXPECTED" in r.detail
+
+
+def test_skip_pallas_skips_only_pallas_steps_that_do_not_lower():
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+
+  def copy(x_ref, o_ref):
+    o_ref[...] = x_ref[...] + 1.0
+
+  x = jnp.ones((16,), jnp.float32)
+  kernel = jax.jit(lambda x: pl.pallas_call(
+      copy, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype))(x))
+  # A plain Pallas kernel does not lower for tpu off a TPU host.
+  r = lowering._lower("case", "eval", "tpu", kernel, (x,), False)  # pylint: disable=protected-access
+  assert r.status == "FAILED"
+  r = lowering._lower("case", "eval", "tpu", kernel, (x,), True)  # pylint: disable=protected-access
+  assert r.status == "skipped" and "Pallas" in r.detail
+  # A step without one that lowers is lowered, --skip-pallas or not.
+  assert lowering._lower("case", "eval", "tpu", jax.jit(jnp.sin), (x,), True).status == \
+      "lowered"  # pylint: disable=protected-access
